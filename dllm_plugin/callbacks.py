@@ -1,0 +1,113 @@
+"""Trainer callbacks: progress and metrics to the host, stop requests on every rank."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .host import Host
+
+logger = logging.getLogger(__name__)
+
+
+class StopSignals:
+    """A stop flag set by SIGTERM/SIGINT or by the host; checked at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        if not self.requested:
+            logger.warning(
+                "stop requested (%s): saving a checkpoint at the end of this step", reason
+            )
+        self.requested, self.reason = True, reason
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Turn SIGTERM/SIGINT into a graceful stop while training; restore after."""
+        handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not in the main thread: no handlers
+                handlers[sig] = signal.signal(
+                    sig, lambda s, f: self.request(signal.Signals(s).name)
+                )
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (a stop seen by rank 0 stops them all)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    backend = torch.distributed.get_backend()
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class HostCallback(TrainerCallback):
+    """Reports monotonic progress with an ETA and metrics; turns stop requests into a
+    checkpoint-and-stop on every rank."""
+
+    def __init__(self, host: Host, stop: StopSignals):
+        self.host = host
+        self.stop = stop
+        self.started = time.time()
+        self.last_percent = 0.0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        self.started = time.time()
+        self.first_step = state.global_step
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            self._report_progress(state)
+            if self.host.should_stop():
+                self.stop.request("the host asked to stop")
+        if any_rank(self.stop.requested):
+            self.stop.requested = True
+            control.should_training_stop = True
+            control.should_save = True
+
+    def _report_progress(self, state: TrainerState) -> None:
+        if not state.max_steps:
+            return
+        percent = max(self.last_percent, min(100.0, 100.0 * state.global_step / state.max_steps))
+        done = state.global_step - self.first_step
+        elapsed = time.time() - self.started
+        eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+        self.last_percent = percent
+        self.host.progress(percent, eta)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kw: Any,
+    ) -> None:
+        if state.is_world_process_zero and logs:
+            numbers = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+            self.host.metrics(numbers, state.global_step)

@@ -1,0 +1,114 @@
+"""Command-line entry: `python main.py --input_file job.json` (or no file: the demo).
+
+Exit status 0 only for a finished (or cleanly stopped) run; any failure prints its
+reason as the last log line, tells the host, and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .config import ConfigError, build_job_config, read_input_file
+
+logger = logging.getLogger("dllm_plugin")
+DEMO_JOB = Path(__file__).resolve().parent / "demo" / "job.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dllm-train", description=__doc__)
+    parser.add_argument(
+        "--input_file", help="host job file or flat config JSON (default: the embedded demo)"
+    )
+    parser.add_argument("--plugin_dir", help="set by the Transformer Lab harness")
+    parser.add_argument("--experiment_name", help="set by the Transformer Lab harness")
+    parser.add_argument("--job_id", help="set by the Transformer Lab harness")
+    parser.add_argument("--launched_with_accelerate", action="store_true", help=argparse.SUPPRESS)
+    args, _unknown = parser.parse_known_args(argv)
+    return args
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    level = logging.INFO if rank == "0" else logging.WARNING
+    fmt = (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if rank == "0"
+        else f"[rank {rank}] %(levelname)s: %(message)s"
+    )
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    from .host import detect_host
+
+    host = detect_host()
+    input_file = Path(args.input_file) if args.input_file else DEMO_JOB
+    if not args.input_file:
+        logger.info("no --input_file: running the embedded demo (%s)", DEMO_JOB)
+    try:
+        raw, experiment = read_input_file(input_file)
+        if args.job_id and "job_id" not in raw:
+            raw = {**raw, "job_id": args.job_id}
+        cfg = build_job_config(raw, experiment, source_dir=input_file.resolve().parent)
+        from .launch import maybe_relaunch
+
+        relaunched = maybe_relaunch(cfg, input_file, args)
+        if relaunched is not None:
+            return relaunched
+        host.running()
+        from .run import run_job
+
+        summary = run_job(cfg, host)
+    except KeyboardInterrupt:
+        return _failed(host, "interrupted (KeyboardInterrupt)")
+    except ConfigError as e:
+        return _failed(host, str(e))
+    except Exception as e:  # every failure must reach the host and the exit status
+        traceback.print_exc()
+        return _failed(host, f"{type(e).__name__}: {e}")
+    if summary["status"] == "stopped":
+        host.stopped(summary)
+        logger.info(
+            "stopped at step %s; resume with resume_from_checkpoint=auto", summary["global_step"]
+        )
+        return 0
+    host.complete(summary)
+    _print_final(summary)
+    return 0
+
+
+def _failed(host, reason: str) -> int:
+    try:
+        host.fail(reason)
+    finally:
+        logger.error("job failed: %s", reason)
+        print(f"FAILED: {reason.splitlines()[0] if reason else 'unknown error'}", flush=True)
+    return 1
+
+
+def _print_final(summary: dict) -> None:
+    metrics = {k: v for k, v in summary["metrics"].items() if isinstance(v, int | float)}
+    width = max((len(k) for k in metrics), default=10)
+    print("\nfinal metrics", flush=True)
+    for key, value in sorted(metrics.items()):
+        print(
+            f"  {key:<{width}}  {value:.6g}"
+            if isinstance(value, float)
+            else f"  {key:<{width}}  {value}"
+        )
+    for key in ("output_path", "merged_model_path"):
+        if summary.get(key):
+            print(f"{key.replace('_', ' ')}: {summary[key]}", flush=True)
+    print(
+        f"done: {summary['global_step']} steps, model saved to {summary.get('output_path')}",
+        flush=True,
+    )

@@ -1,0 +1,172 @@
+"""Batch collators for masked-diffusion SFT (MDLM / LLaDA / BERT and Dream).
+
+The SFT recipe pads on the RIGHT with the pad/EOS id and gives the padding real labels,
+so the model learns to end its answer with EOS; and it trains without an attention
+mask, so the collators return none (a mask would hide the padded EOS from the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import get_worker_info
+
+__all__ = ["DreamCollator", "MDLMCollator"]
+
+
+class _Row(NamedTuple):
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+
+    @property
+    def response_len(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+def _as_int_list(value: Any) -> list[int]:
+    return [int(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+
+
+def _to_row(index: int, feature: Any) -> _Row:
+    """Check one tokenised example and keep only the keys the collators use."""
+    if not isinstance(feature, Mapping):
+        raise ValueError(f"feature {index} must be a dict, got {type(feature).__name__}")
+    for key in ("input_ids", "labels", "prompt_len"):
+        if key not in feature:
+            raise ValueError(f"feature {index} has no {key!r} (keys: {sorted(feature)})")
+    input_ids = _as_int_list(feature["input_ids"])
+    labels = _as_int_list(feature["labels"])
+    if len(input_ids) != len(labels):
+        raise ValueError(
+            f"feature {index}: input_ids has {len(input_ids)} tokens but labels has {len(labels)}"
+        )
+    prompt_len = int(feature["prompt_len"])
+    if not 0 <= prompt_len <= len(input_ids):
+        raise ValueError(f"feature {index}: prompt_len {prompt_len} outside 0..{len(input_ids)}")
+    return _Row(input_ids, labels, prompt_len)
+
+
+def _to_rows(features: Sequence[Mapping[str, Any]]) -> list[_Row]:
+    if not features:
+        raise ValueError("cannot collate an empty batch")
+    return [_to_row(i, f) for i, f in enumerate(features)]
+
+
+@dataclass
+class MDLMCollator:
+    """Right-pad input_ids with the pad id and labels with `label_pad_token_id`.
+
+    `label_pad_token_id` None means the pad id itself: padding is trained on (the
+    model learns to emit EOS); pass -100 to leave padding out of the loss. Output keys:
+    input_ids [b, L], labels [b, L], prompt_len [b] (all long); no attention_mask.
+    """
+
+    pad_token_id: int
+    label_pad_token_id: int | None = None
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+
+    @property
+    def label_pad_id(self) -> int:
+        """The id written into padded label positions."""
+        return self.pad_token_id if self.label_pad_token_id is None else self.label_pad_token_id
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        return self._pad(_to_rows(features))
+
+    def _padded_width(self, width: int) -> int:
+        multiple = self.pad_to_multiple_of
+        return width if not multiple else -(-width // multiple) * multiple
+
+    def _pad(self, rows: list[_Row], max_width: int | None = None) -> dict[str, Tensor]:
+        """Right-pad rows; `max_width` first cuts every row's tail to that many tokens."""
+        kept = max(len(r.input_ids) for r in rows)
+        if max_width is not None:
+            kept = min(kept, max_width)
+        width = self._padded_width(kept)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), self.label_pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = min(len(row.input_ids), kept)
+            input_ids[i, :n] = torch.tensor(row.input_ids[:n], dtype=torch.long)
+            labels[i, :n] = torch.tensor(row.labels[:n], dtype=torch.long)
+        prompt_len = torch.tensor([r.prompt_len for r in rows], dtype=torch.long)
+        return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
+
+
+@dataclass
+class DreamCollator(MDLMCollator):
+    """MDLM padding plus Dream's random response cut-offs (against length bias).
+
+    perbatch_cutoff (default): pick one example uniformly at random and trim every
+    longer response (its tail) to that example's response length before padding.
+    resp_cutoff_ratio r acts ONLY when perbatch_cutoff is False: with probability r,
+    cut k ~ U{1..min_resp_len-1} tokens off the tail of the padded batch, where
+    min_resp_len is the shortest response (nothing happens when it is <= 1). Every row
+    therefore keeps its prompt and at least one response token.
+
+    Randomness comes from a private generator seeded from `seed`, so batches are
+    reproducible; inside a DataLoader worker it is reseeded from (seed, worker id) so
+    workers do not repeat each other's draws.
+    """
+
+    perbatch_cutoff: bool = True
+    resp_cutoff_ratio: float = 0.0
+    seed: int = 0
+    _generator: torch.Generator = field(init=False, repr=False, compare=False)
+    _worker_id: int | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.resp_cutoff_ratio <= 1.0:
+            raise ValueError(f"resp_cutoff_ratio must be in [0, 1], got {self.resp_cutoff_ratio}")
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def _rng(self) -> torch.Generator:
+        """The generator, reseeded once per DataLoader worker (forked copies share state)."""
+        info = get_worker_info()
+        worker_id = None if info is None else info.id
+        if worker_id != self._worker_id:
+            self._worker_id = worker_id
+            offset = 0 if worker_id is None else 7919 * (worker_id + 1)
+            self._generator = torch.Generator().manual_seed(self.seed + offset)
+        return self._generator
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        rows = _to_rows(features)
+        if self.perbatch_cutoff:
+            return self._pad(self._cut_to_random_response(rows))
+        return self._pad(rows, max_width=self._tail_cut_width(rows))
+
+    def _cut_to_random_response(self, rows: list[_Row]) -> list[_Row]:
+        chosen = int(torch.randint(len(rows), (1,), generator=self._rng()))
+        kept = rows[chosen].response_len
+        return [
+            r
+            if r.response_len <= kept
+            else _Row(
+                r.input_ids[: r.prompt_len + kept], r.labels[: r.prompt_len + kept], r.prompt_len
+            )
+            for r in rows
+        ]
+
+    def _tail_cut_width(self, rows: list[_Row]) -> int | None:
+        """Width of the batch after the random tail cut, or None for no cut."""
+        if self.resp_cutoff_ratio <= 0.0:
+            return None
+        rng = self._rng()
+        if float(torch.rand((), generator=rng)) >= self.resp_cutoff_ratio:
+            return None
+        min_resp = min(r.response_len for r in rows)
+        if min_resp <= 1:
+            return None
+        cut = int(torch.randint(1, min_resp, (1,), generator=rng))
+        return max(len(r.input_ids) for r in rows) - cut

@@ -1,0 +1,308 @@
+"""Model families: detection from the config, tokenizer set-up, LoRA targets.
+
+Everything family-specific that is data (token names, chat templates, module names)
+lives here, so the rest of the code asks "which family" once and never again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BERT_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "camembert"}
+
+# Our chat template for encoders that have none: plain-text role markers, the
+# separator token ends every turn (the end-of-answer marker the model learns to emit).
+BERT_CHAT_TEMPLATE = (
+    "{{ cls_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}System: {% elif m['role'] == 'user' %}User: {% else %}Assistant: {% endif %}"
+    "{{ m['content'] }}{{ sep_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# Llama-3 shape used by LLaDA-Instruct: BOS once, header/content/eot per message.
+LLADA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# Qwen2.5 ChatML with its default system message, used when a Dream tokenizer has none.
+DREAM_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    mask_tokens: tuple[str, ...]
+    eos_tokens: tuple[str, ...] = ()
+    bos_tokens: tuple[str, ...] = ()
+    eot_tokens: tuple[str, ...] = ()
+    chat_template: str | None = None
+    keep_own_template: bool = False
+    lora_targets: tuple[str, ...] = ()
+    # Module-name prefixes that belong to the output head: never LoRA targets.
+    head_prefixes: tuple[str, ...] = field(default=())
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "bert": FamilySpec(
+        name="bert",
+        mask_tokens=("[MASK]", "<mask>"),
+        chat_template=BERT_CHAT_TEMPLATE,
+        lora_targets=(
+            "query",
+            "key",
+            "value",
+            "dense",
+            "q_lin",
+            "k_lin",
+            "v_lin",
+            "out_lin",
+            "lin1",
+            "lin2",
+            "Wqkv",
+            "Wo",
+            "Wi",
+        ),
+        head_prefixes=(
+            "cls",
+            "lm_head",
+            "head",
+            "decoder",
+            "pooler",
+            "vocab_",
+            "pre_classifier",
+            "classifier",
+        ),
+    ),
+    "llada": FamilySpec(
+        name="llada",
+        mask_tokens=("<|mdm_mask|>",),
+        eos_tokens=("<|endoftext|>",),
+        bos_tokens=("<|startoftext|>",),
+        eot_tokens=("<|eot_id|>",),
+        chat_template=LLADA_CHAT_TEMPLATE,
+        lora_targets=("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"),
+        head_prefixes=("model.transformer.ff_out", "lm_head"),
+    ),
+    "dream": FamilySpec(
+        name="dream",
+        mask_tokens=("<|mask|>",),
+        eos_tokens=("<|endoftext|>",),
+        bos_tokens=("<|beginoftext|>",),
+        eot_tokens=("<|im_end|>",),
+        chat_template=DREAM_CHAT_TEMPLATE,
+        keep_own_template=True,
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        head_prefixes=("lm_head",),
+    ),
+}
+
+
+class ModelFamilyError(ValueError):
+    """The model does not fit the request (wrong method, no mask token, unknown family)."""
+
+
+def read_model_config(model_path: str) -> dict[str, Any]:
+    """config.json as a dict, without loading weights or remote code."""
+    local = Path(model_path).expanduser() / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text(encoding="utf-8"))
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path).to_dict()
+    except Exception as e:
+        raise ModelFamilyError(
+            f"model_name {model_path!r}: cannot read its config.json ({e})"
+        ) from e
+
+
+def detect_family(config: dict[str, Any]) -> str:
+    """bert, llada or dream from `model_type`, then `architectures`."""
+    model_type = str(config.get("model_type", "")).lower()
+    archs = [str(a) for a in config.get("architectures") or []]
+    if model_type == "llada" or any(a.lower().startswith("llada") for a in archs):
+        return "llada"
+    if model_type == "dream" or any(a.lower().startswith("dream") for a in archs):
+        return "dream"
+    if model_type in BERT_MODEL_TYPES or any(a.endswith("ForMaskedLM") for a in archs):
+        return "bert"
+    raise ModelFamilyError(
+        f"unsupported model: model_type {config.get('model_type')!r}, architectures {archs}; "
+        "supported: BERT-family masked LMs (bert, roberta, modernbert, distilbert), LLaDA, Dream"
+    )
+
+
+def resolve_method(training_method: str, family: str, model_name: str) -> str:
+    """The training method to use; a method that does not fit the model is an error."""
+    if training_method == "auto":
+        return family
+    if training_method != family:
+        raise ModelFamilyError(
+            f"training_method {training_method!r} does not fit model {model_name!r}, which is a "
+            f"{family} model: use training_method {family!r} or 'auto'"
+        )
+    return training_method
+
+
+@dataclass
+class TokenIds:
+    """The special ids the collators, trainers and samplers need."""
+
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    bos_id: int | None
+    stop_ids: tuple[int, ...]
+
+
+def _find_token(tokenizer: Any, candidates: tuple[str, ...]) -> str | None:
+    vocab = tokenizer.get_vocab()
+    return next((tok for tok in candidates if tok in vocab), None)
+
+
+def prepare_tokenizer(tokenizer: Any, family: str, model_config: dict[str, Any]) -> TokenIds:
+    """Register mask/eos/pad/bos, install the chat template, pad on the right."""
+    spec = FAMILIES[family]
+    tokenizer.padding_side = "right"
+    _set_mask_token(tokenizer, spec, model_config)
+    if family == "bert":
+        if tokenizer.sep_token is None or tokenizer.cls_token is None:
+            raise ModelFamilyError(
+                "this BERT-family tokenizer has no [CLS]/[SEP] tokens to build a chat template from"
+            )
+        if tokenizer.eos_token is None:
+            tokenizer.eos_token = tokenizer.sep_token
+    else:
+        for attr, names in (("eos_token", spec.eos_tokens), ("bos_token", spec.bos_tokens)):
+            if getattr(tokenizer, attr) is None and (tok := _find_token(tokenizer, names)):
+                setattr(tokenizer, attr, tok)
+        if tokenizer.eos_token is None:
+            raise ModelFamilyError(
+                f"the {family} tokenizer has no end-of-text token (tried {', '.join(spec.eos_tokens)})"
+            )
+    # Padding is trained as end-of-answer: pad with EOS (LLaDA and Dream share the id anyway).
+    if family != "bert" or tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not (spec.keep_own_template and tokenizer.chat_template):
+        tokenizer.chat_template = spec.chat_template
+    eot = _find_token(tokenizer, spec.eot_tokens)
+    stop = {tokenizer.eos_token_id} | ({tokenizer.convert_tokens_to_ids(eot)} if eot else set())
+    if family == "bert":
+        stop.add(tokenizer.sep_token_id)
+    return TokenIds(
+        mask_id=tokenizer.mask_token_id,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.eos_token_id,
+        bos_id=tokenizer.bos_token_id,
+        stop_ids=tuple(sorted(stop)),
+    )
+
+
+def _set_mask_token(tokenizer: Any, spec: FamilySpec, model_config: dict[str, Any]) -> None:
+    if tokenizer.mask_token is None:
+        token = _find_token(tokenizer, spec.mask_tokens)
+        if token is None and model_config.get("mask_token_id") is not None:
+            token = tokenizer.convert_ids_to_tokens(int(model_config["mask_token_id"]))
+        if token is None:
+            raise ModelFamilyError(
+                f"the tokenizer has no mask token (looked for {', '.join(spec.mask_tokens)} and the config's "
+                "mask_token_id): a masked-diffusion model needs one"
+            )
+        tokenizer.mask_token = token
+    expected = model_config.get("mask_token_id")
+    if expected is not None and tokenizer.mask_token_id != int(expected):
+        raise ModelFamilyError(
+            f"the tokenizer's mask token {tokenizer.mask_token!r} has id {tokenizer.mask_token_id}, "
+            f"but the model's config says mask_token_id {expected}"
+        )
+
+
+def load_tokenizer(model_path: str, family: str) -> Any:
+    """The model's tokenizer without remote code (Dream ships a custom class: read it as Qwen2)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    except Exception as first:
+        if family != "dream":
+            raise ModelFamilyError(
+                f"cannot load the tokenizer of {model_path!r}: {first}"
+            ) from first
+        from transformers import Qwen2Tokenizer
+
+        try:
+            return Qwen2Tokenizer.from_pretrained(model_path)
+        except Exception as e:
+            raise ModelFamilyError(f"cannot load the Dream tokenizer of {model_path!r}: {e}") from e
+
+
+def head_module_names(model: Any) -> set[str]:
+    """Names of the output-embedding module (the vocabulary head), possibly under peft."""
+    head = model.get_output_embeddings()
+    return {name for name, module in model.named_modules() if module is head}
+
+
+def resolve_lora_targets(
+    model: Any, family: str, requested: str, exclude: set[str] = frozenset()
+) -> list[str]:
+    """Full names of the Linear modules LoRA wraps; an unknown requested name is an error.
+
+    peft silently skips names that match nothing (half-missing LoRA), so every requested
+    short name must match at least one module. The vocabulary head and the modules of the
+    MLM head are never targets.
+    """
+    import torch
+
+    spec = FAMILIES[family]
+    heads = head_module_names(model) | set(exclude)
+    linears = {
+        name: name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and name not in heads
+        and not _under_head(name, spec, heads)
+    }
+    available = sorted(set(linears.values()))
+    if requested.strip() in ("", "auto"):
+        wanted = [n for n in spec.lora_targets if n in available]
+        if not wanted:
+            raise ModelFamilyError(
+                f"no default LoRA target of the {family} family exists in this model; its Linear modules are: {', '.join(available)}"
+            )
+    else:
+        wanted = [n.strip() for n in requested.split(",") if n.strip()]
+        missing = [n for n in wanted if n not in available]
+        if missing:
+            raise ModelFamilyError(
+                f"lora_target_modules: {', '.join(missing)} match no Linear module of this model; "
+                f"the ones that exist are: {', '.join(available)}"
+            )
+    return sorted(name for name, short in linears.items() if short in wanted)
+
+
+def _under_head(name: str, spec: FamilySpec, heads: set[str]) -> bool:
+    parts = name.split(".")
+    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    if prefixes & heads:
+        return True
+    return parts[0] in spec.head_prefixes or any(
+        name.startswith(p + ".") for p in spec.head_prefixes if "." in p
+    )

@@ -1,0 +1,218 @@
+"""One training job, top to bottom: config -> data -> model -> Trainer -> outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .callbacks import HostCallback, StopSignals
+from .config import ConfigError, JobConfig, resolve_path
+from .data.collators import DreamCollator, MDLMCollator
+from .data.sft import (
+    TokenizeOptions,
+    build_sft_dataset,
+    load_local_dataset,
+    load_named_dataset,
+    split_train_eval,
+)
+from .data.templates import RowTemplates
+from .host import Host
+from .models.families import (
+    TokenIds,
+    detect_family,
+    load_tokenizer,
+    prepare_tokenizer,
+    read_model_config,
+    resolve_method,
+)
+from .models.loading import LoadOptions, load_model, resolve_model_path
+from .outputs import save_outputs, write_json
+from .trainers import DreamConfig, DreamTrainer, MDLMConfig, MDLMTrainer
+from .training_args import resolve_resume, training_arguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything the Trainer needs, built before any weight is loaded where possible."""
+
+    method: str
+    model_path: str
+    model_config: dict[str, Any]
+    tokenizer: Any
+    ids: TokenIds
+    train: Any
+    eval: Any
+    eval_rows: Any
+
+
+def prepare(cfg: JobConfig, host: Host) -> Prepared:
+    """Family, method, tokenizer and tokenised data: every check that needs no weights."""
+    if not cfg.model_name:
+        raise ConfigError(["model_name: required (a hub id or a local model folder)"])
+    model_path = resolve_model_path(
+        str(resolve_path(cfg.model_name, cfg.source_dir))
+        if _is_local(cfg.model_name, cfg)
+        else cfg.model_name
+    )
+    model_config = read_model_config(model_path)
+    family = detect_family(model_config)
+    method = resolve_method(cfg.training_method, family, cfg.model_name)
+    logger.info("model %s: %s family, training method %s", cfg.model_name, family, method)
+    tokenizer = load_tokenizer(model_path, family)
+    ids = prepare_tokenizer(tokenizer, family, model_config)
+    rows = load_rows(cfg, host)
+    train_rows, eval_rows = split_train_eval(rows, cfg.eval_split_ratio, cfg.seed)
+    templates = RowTemplates(
+        cfg.input_template or "", cfg.output_template or "", cfg.instruction_template or ""
+    )
+    opts = TokenizeOptions(cfg.max_length, cfg.truncation, cfg.mask_prompt_loss)
+    train = build_sft_dataset(train_rows, tokenizer, templates, opts, cfg.num_proc, "train")
+    evalset = (
+        build_sft_dataset(
+            eval_rows, tokenizer, templates, opts, cfg.num_proc, "eval", keep_messages=True
+        )
+        if eval_rows is not None
+        else None
+    )
+    logger.info(
+        "data: %d train rows, %s eval rows",
+        len(train),
+        len(evalset) if evalset is not None else "no",
+    )
+    return Prepared(method, model_path, model_config, tokenizer, ids, train, evalset, eval_rows)
+
+
+def _is_local(name: str, cfg: JobConfig) -> bool:
+    return resolve_path(name, cfg.source_dir).exists()
+
+
+def load_rows(cfg: JobConfig, host: Host) -> Any:
+    """The dataset as a DatasetDict: from the host, a local path, or the hub."""
+    if not cfg.dataset_name:
+        raise ConfigError(
+            ["dataset_name: required (a local file/folder, a host dataset or a hub id)"]
+        )
+    from_host = host.load_dataset(cfg)
+    if from_host is not None:
+        return from_host
+    path = resolve_path(cfg.dataset_name, cfg.source_dir)
+    return load_local_dataset(path) if path.exists() else load_named_dataset(cfg.dataset_name)
+
+
+def build_trainer(
+    cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: StopSignals
+) -> MDLMTrainer:
+    """The method's Trainer with its collator and callbacks."""
+    args = training_arguments(
+        cfg, prep.method, has_eval=prep.eval is not None, inside_host=host.inside_host
+    )
+    if prep.method == "dream":
+        collator = DreamCollator(
+            pad_token_id=prep.ids.pad_id,
+            perbatch_cutoff=cfg.perbatch_cutoff,
+            resp_cutoff_ratio=cfg.resp_cutoff_ratio,
+            seed=cfg.seed,
+        )
+        trainer_cls = DreamTrainer
+    else:
+        collator = MDLMCollator(pad_token_id=prep.ids.pad_id)
+        trainer_cls = MDLMTrainer
+    eval_features = prep.eval.remove_columns("messages") if prep.eval is not None else None
+    return trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=prep.train,
+        eval_dataset=eval_features,
+        data_collator=collator,
+        processing_class=prep.tokenizer,
+        mask_token_id=prep.ids.mask_id,
+        bos_token_id=prep.ids.bos_id,
+        callbacks=[HostCallback(host, stop)],
+    )
+
+
+def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
+    """Train, evaluate, save; return the run summary (also written to output_dir)."""
+    started = time.time()
+    output_dir = Path(cfg.output_dir)
+    check_device(cfg)
+    prep = prepare(cfg, host)
+    loaded = load_model(prep.model_path, prep.method, load_options(cfg))
+    stop = StopSignals()
+    trainer = build_trainer(cfg, prep, loaded.model, host, stop)
+    resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=resume)
+    finished = not stop.requested
+    metrics = dict(result.metrics)
+    if finished and prep.eval is not None:
+        metrics.update(trainer.evaluate())
+    summary: dict[str, Any] = {
+        "status": "complete" if finished else "stopped",
+        "method": prep.method,
+        "model_name": cfg.model_name,
+        "global_step": trainer.state.global_step,
+        "train_loss": metrics.get("train_loss"),
+        "eval_loss": metrics.get("eval_loss"),
+        "metrics": metrics,
+        "log_history": trainer.state.log_history,
+        "trainable_params": loaded.trainable_params,
+        "total_params": loaded.total_params,
+        "elapsed_seconds": round(time.time() - started, 1),
+    }
+    if trainer.is_world_process_zero():
+        if finished:
+            summary.update(save_outputs(cfg, prep, trainer, host))
+        write_json(output_dir / "run_summary.json", summary)
+    return summary
+
+
+def load_options(cfg: JobConfig) -> LoadOptions:
+    return LoadOptions(
+        dtype=cfg.dtype,
+        load_in_4bit=cfg.load_in_4bit,
+        lora=cfg.lora,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_target_modules=cfg.lora_target_modules,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+
+
+def check_device(cfg: JobConfig) -> None:
+    """Refuse a device this machine does not have, instead of silently using another."""
+    if cfg.train_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            ["train_device: 'cuda' is not allowed here: no CUDA device is visible; use 'cpu'"]
+        )
+    if (
+        cfg.dtype == "bfloat16"
+        and cfg.train_device == "cuda"
+        and not torch.cuda.is_bf16_supported()
+    ):
+        raise ConfigError(
+            ["dtype: 'bfloat16' is not supported by this GPU; use 'float16' or 'float32'"]
+        )
+    if cfg.dtype == "bfloat16" and cfg.train_device == "cpu":
+        logger.warning(
+            "dtype bfloat16 on CPU runs under bf16 autocast and is several times slower than float32"
+        )
+    if (
+        cfg.resp_cutoff_ratio > 0
+        and cfg.perbatch_cutoff
+        and cfg.training_method in ("dream", "auto")
+    ):
+        logger.warning(
+            "resp_cutoff_ratio acts only when perbatch_cutoff is false: it has no effect in this run"
+        )
+
+
+__all__ = ["run_job", "prepare", "build_trainer", "MDLMConfig", "DreamConfig"]

@@ -1,0 +1,115 @@
+"""JobConfig -> MDLMConfig/DreamConfig (TrainingArguments), and checkpoint resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from .config import JobConfig
+from .trainers import DreamConfig, MDLMConfig
+
+logger = logging.getLogger(__name__)
+
+
+def training_arguments(
+    cfg: JobConfig, method: str, has_eval: bool, inside_host: bool
+) -> MDLMConfig:
+    """The Trainer's arguments; every value traces back to a manifest parameter."""
+    output_dir = Path(cfg.output_dir)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(tensorboard_dir(cfg)))
+    eval_strategy = cfg.eval_strategy if has_eval else "no"
+    if cfg.eval_strategy != "no" and not has_eval:
+        logger.warning(
+            "eval_strategy %r but there is no evaluation split: evaluation is off",
+            cfg.eval_strategy,
+        )
+    common = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.learning_rate_schedule,
+        warmup_steps=float(cfg.warmup_ratio),
+        num_train_epochs=float(cfg.num_train_epochs) if cfg.num_train_epochs > 0 else 1.0,
+        max_steps=-1 if cfg.num_train_epochs > 0 else cfg.train_steps,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=False,  # enabled at load time (works with peft/4-bit too)
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e9,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_steps if eval_strategy == "steps" else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.dtype == "bfloat16",
+        fp16=cfg.dtype == "float16",
+        use_cpu=cfg.train_device == "cpu",
+        report_to=report_to(cfg),
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=inside_host,
+        time_epsilon=1e-3,
+        noise_schedule=cfg.noise_schedule,
+        loss_norm_type=cfg.loss_norm_type,
+        score_masked_only=cfg.score_masked_only,
+    )
+    if method == "dream":
+        return DreamConfig(
+            **common,
+            loss_weight_type=cfg.loss_weight_type,
+            perbatch_cutoff=cfg.perbatch_cutoff,
+            resp_cutoff_ratio=cfg.resp_cutoff_ratio,
+        )
+    return MDLMConfig(**common, loss_weight_type=cfg.mdlm_loss_weight_type)
+
+
+def tensorboard_dir(cfg: JobConfig) -> Path:
+    """A fresh TensorBoard run folder under output_dir (one per job)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"job_{cfg.job_id}_{stamp}" if cfg.job_id is not None else f"run_{stamp}"
+    return Path(cfg.output_dir) / "tensorboard" / name
+
+
+def report_to(cfg: JobConfig) -> list[str]:
+    """TensorBoard always (when installed); W&B only when asked and usable."""
+    from .trackers import usable_trackers
+
+    return usable_trackers(cfg.log_to_wandb)
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def resolve_resume(value: str, output_dir: Path) -> str | None:
+    """'off' -> None; 'auto' -> newest complete checkpoint in output_dir (or None); else the path."""
+    value = (value or "off").strip()
+    if value in ("off", ""):
+        return None
+    if value != "auto":
+        return str(Path(value).expanduser())
+    found = latest_checkpoint(output_dir)
+    if found is None:
+        logger.info("resume_from_checkpoint auto: no checkpoint in %s, starting fresh", output_dir)
+    else:
+        logger.info("resuming from %s", found)
+    return str(found) if found else None
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint that finished writing (its trainer_state.json exists)."""
+    if not output_dir.is_dir():
+        return None
+    complete = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := CHECKPOINT_RE.match(p.name)) and (p / "trainer_state.json").is_file()
+    ]
+    return max(complete)[1] if complete else None
