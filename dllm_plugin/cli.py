@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_job_config(raw, experiment, source_dir=input_file.resolve().parent)
         from .launch import maybe_relaunch
 
-        relaunched = maybe_relaunch(cfg, input_file, args)
-        if relaunched is not None:
-            return relaunched
+        launched = maybe_relaunch(cfg, input_file, args)
+        if launched is not None:  # this process only supervised the training processes
+            if launched.returncode != 0:
+                return _failed(host, launched.reason)
+            return 0
         host.running()
         from .run import run_job
 

@@ -153,7 +153,7 @@ def _geometric_scan(x: Tensor, q: float, chunk: int = _SCAN_CHUNK) -> Tensor:
     ends = _geometric_scan(local[:, :, -1].contiguous(), q**chunk, chunk)  # [b, n_chunks]
     carry_in = F.pad(ends[:, :-1], (1, 0))  # state just before each chunk
     powers = torch.pow(q, torch.arange(1, chunk + 1, device=x.device, dtype=x.dtype))
-    out = local + 0 * carry_in[:, :, None] * powers
+    out = local + carry_in[:, :, None] * powers
     return out.view(b, n_chunks * chunk)[:, :length]
 
 
