@@ -3,8 +3,8 @@
 Only `compute_loss` (and the evaluation step) are ours, so checkpoints, resume,
 DDP/FSDP/DeepSpeed and trackers come from the Trainer unchanged.
 
-Noise (timesteps and masks) is drawn from a generator seeded by (seed, optimizer step,
-micro-batch slot in the global batch) rather than from the process RNG: the same global
+Noise (timesteps and masks) is drawn per row from a generator seeded by (seed, optimizer
+step, row index in the global batch) rather than from the process RNG: the same global
 batch gets the same noise whatever the process count and gradient accumulation, and a
 resumed run draws exactly what the uninterrupted one would have.
 """
@@ -113,24 +113,38 @@ class MDLMTrainer(Trainer):
         self._head_fallback_logged = False
 
     # ---- noise -------------------------------------------------------------------
-    def _noise_generator(self, training: bool) -> torch.Generator:
-        """A generator keyed by (seed, step, slot): independent of process count and GA."""
+    def _first_row_key(self, training: bool) -> tuple[int, int, int]:
+        """(phase, step, index of this micro-batch's first row in the global batch).
+
+        Micro-batch `m` of an optimizer step on process `p` holds global rows
+        (m * world_size + p) * batch_size + i: the same rows whether they are spread over
+        processes or over accumulation steps.
+        """
         if training:
             step, seen = self._micro_step
             seen = seen + 1 if step == self.state.global_step else 0
             self._micro_step = (self.state.global_step, seen)
             slot = seen * self.args.world_size + self.args.process_index
-            key = (self.args.seed, 0, self.state.global_step, slot)
-        else:
-            key = (
-                self.args.seed,
-                1,
-                self._eval_batches * self.args.world_size + self.args.process_index,
-                0,
-            )
-            self._eval_batches += 1
-        digest = hashlib.sha256(repr(key).encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            return 0, self.state.global_step, slot * self.args.per_device_train_batch_size
+        slot = self._eval_batches * self.args.world_size + self.args.process_index
+        self._eval_batches += 1
+        return 1, 0, slot * self.args.per_device_eval_batch_size
+
+    def _draw_noise(self, maskable: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t [b], masked [b, l]) from one generator per row, keyed by (seed, step, global row).
+
+        Keying by row makes the noise independent of process count, gradient accumulation
+        and padding width, and a resumed run redraws exactly what the uninterrupted one drew.
+        """
+        phase, step, first_row = self._first_row_key(training)
+        cpu_maskable = maskable.cpu()
+        times, masks = [], []
+        for row in range(maskable.shape[0]):
+            gen = keyed_generator(self.args.seed, phase, step, first_row + row)
+            t = sample_timesteps(1, self.args.time_epsilon, torch.device("cpu"), gen)
+            masks.append(sample_masks(cpu_maskable[row : row + 1], self.schedule.mask_prob(t), gen))
+            times.append(t)
+        return torch.cat(times).to(maskable.device), torch.cat(masks).to(maskable.device)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
@@ -153,11 +167,8 @@ class MDLMTrainer(Trainer):
         training = model.training
         input_ids, labels = self.prepare_inputs(inputs["input_ids"], inputs["labels"])
         maskable = labels != IGNORE_INDEX
-        gen = self._noise_generator(training)
         # 1-3. timesteps, masks, noised ids
-        t = sample_timesteps(input_ids.shape[0], self.args.time_epsilon, torch.device("cpu"), gen)
-        masked = sample_masks(maskable.cpu(), self.schedule.mask_prob(t), gen).to(input_ids.device)
-        t = t.to(input_ids.device)
+        t, masked = self._draw_noise(maskable, training)
         noised = torch.where(masked, torch.full_like(input_ids, self.mask_token_id), input_ids)
         # 5-6. per-position weight times the normalisation scale
         scale = self._token_scale(t, masked, maskable, num_items_in_batch, training)
@@ -325,6 +336,12 @@ class DreamTrainer(MDLMTrainer):
         bos = torch.full_like(input_ids[:, :1], self.bos_token_id)
         ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
         return torch.cat([bos, input_ids], dim=1), torch.cat([ignore, labels], dim=1)
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of ints (stable across runs and platforms)."""
+    digest = hashlib.sha256(repr(tuple(key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str] | None:

@@ -119,17 +119,20 @@ def tokenize_messages(
         )
     prompt_len = len(prompt_ids)
     if opts.truncation == "filter" and len(full_ids) > opts.max_length:
-        return {"drop": f"longer than max_length {opts.max_length} (truncation=filter)"}
+        return _dropped(f"longer than max_length {opts.max_length} (truncation=filter)")
     if opts.truncation == "right":
         if prompt_len > opts.max_length:
-            return {
-                "drop": f"prompt alone longer than max_length {opts.max_length} (truncation=right)"
-            }
+            return _dropped(f"prompt alone longer than max_length {opts.max_length} (truncation=right)")
         full_ids = full_ids[: opts.max_length]
     labels = list(full_ids)
     if opts.mask_prompt_loss:
         labels[:prompt_len] = [IGNORE_INDEX] * prompt_len
     return {"input_ids": full_ids, "labels": labels, "prompt_len": prompt_len, "drop": ""}
+
+
+def _dropped(reason: str) -> dict[str, Any]:
+    # Same columns as a kept row: datasets.map needs one schema for every row.
+    return {"input_ids": [], "labels": [], "prompt_len": 0, "drop": reason}
 
 
 def _chat_ids(
