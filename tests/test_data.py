@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datasets
 import pytest
+from conftest import write_rows
 
 from dllm_plugin.data.sft import (
     IGNORE_INDEX,
@@ -14,8 +15,6 @@ from dllm_plugin.data.sft import (
     tokenize_messages,
 )
 from dllm_plugin.data.templates import DataError, RowTemplates, row_to_messages
-
-from conftest import write_rows
 
 
 def user_answer(prompt: str, answer: str) -> list[dict]:

@@ -67,11 +67,11 @@ def brute_force_mdlm(model, batch, t, masked, schedule, weighting, norm, shift=F
     noised = torch.where(masked, torch.full_like(ids, MASK), ids)
     with torch.no_grad():
         logits = model(input_ids=noised).logits.double()
-    b, l = ids.shape
+    b, length = ids.shape
     maskable = labels != -100
     total, per_row = 0.0, [0.0] * b
     for i in range(b):
-        for j in range(l):
+        for j in range(length):
             if not masked[i, j]:
                 continue
             src = j - 1 if shift else j
@@ -79,7 +79,7 @@ def brute_force_mdlm(model, batch, t, masked, schedule, weighting, norm, shift=F
             if cart_p is not None:
                 w = sum(
                     0.5 * cart_p * (1 - cart_p) ** (abs(j - k) - 1)
-                    for k in range(l)
+                    for k in range(length)
                     if k != j and not masked[i, k]
                 )
             elif weighting == "uniform":
