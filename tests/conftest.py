@@ -88,3 +88,54 @@ def copy_fixture(name: str, dest: Path) -> Path:
     for p in dest.rglob("*"):
         p.chmod(0o644 if p.is_file() else 0o755)
     return dest
+
+
+LLADA_SPECIALS = {
+    "<|startoftext|>": 248,
+    "<|endoftext|>": 249,
+    "<|mdm_mask|>": 250,
+    "<|start_header_id|>": 251,
+    "<|end_header_id|>": 252,
+    "<|eot_id|>": 253,
+}
+DREAM_SPECIALS = {
+    "<|endoftext|>": 250,
+    "<|im_start|>": 251,
+    "<|im_end|>": 252,
+    "<|beginoftext|>": 253,
+    "<|mask|>": 254,
+}
+
+
+def char_tokenizer(specials: dict[str, int], **special_attrs):
+    """A character-level fast tokenizer whose special tokens sit at the given ids.
+
+    The fixtures have a 256-token vocabulary and no tokenizer; this one fits it, so the
+    real chat-template, masking and sampling code runs against them.
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0}
+    for ch in " \n" + string.ascii_letters + string.digits + string.punctuation:
+        vocab[ch] = len(vocab)
+    assert max(vocab.values()) < min(specials.values())
+    vocab.update(specials)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(specials))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **special_attrs)
+
+
+def fixture_model_dir(name: str, dest: Path) -> Path:
+    """A writable copy of tiny-llada / tiny-dream with a tokenizer built to its ids."""
+    copy_fixture(name, dest)
+    if name == "tiny-llada":
+        tok = char_tokenizer(LLADA_SPECIALS, eos_token="<|endoftext|>", bos_token="<|startoftext|>")
+    else:
+        tok = char_tokenizer(DREAM_SPECIALS, eos_token="<|endoftext|>", bos_token="<|beginoftext|>")
+    tok.save_pretrained(dest)
+    return dest
