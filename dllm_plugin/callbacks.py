@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from .host import Host
 
@@ -111,3 +113,45 @@ class HostCallback(TrainerCallback):
         if state.is_world_process_zero and logs:
             numbers = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
             self.host.metrics(numbers, state.global_step)
+
+
+class LossProgressBar(ProgressCallback):
+    """The Trainer's tqdm bar (steps, rate, ETA) with the latest loss beside it.
+
+    It also starts at the resumed step, so the ETA of a resumed run is not skewed by the
+    steps it skipped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(
+                total=state.max_steps, initial=state.global_step, dynamic_ncols=True, desc="train"
+            )
+        self.current_step = state.global_step
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kw: Any,
+    ) -> None:
+        if self.training_bar is not None and logs:
+            for key in ("loss", "eval_loss"):
+                if isinstance(logs.get(key), int | float):
+                    self.postfix[key] = f"{logs[key]:.4g}"
+            self.training_bar.set_postfix(self.postfix, refresh=True)
+        super().on_log(args, state, control, logs=logs, **kw)
+
+
+def use_loss_progress_bar(trainer: Any) -> None:
+    """Swap the Trainer's progress bar for ours (only where the Trainer shows one)."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LossProgressBar())

@@ -19,6 +19,9 @@ class Host:
     name = "standalone"
     inside_host = False
 
+    def configure(self, config: Any) -> None:
+        """The validated job config, before any data or weights are loaded."""
+
     def load_dataset(self, config: Any) -> Any | None:
         """A DatasetDict when the host owns the dataset; None = load it ourselves."""
         return None
@@ -60,9 +63,14 @@ class StandaloneHost(Host):
 
 
 def detect_host() -> Host:
-    """The host SDK when the Transformer Lab harness runs us, else stand-alone."""
-    try:
-        from .tlab_host import TransformerLabHost, sdk_available
-    except ImportError:
-        return StandaloneHost()
-    return TransformerLabHost() if sdk_available() else StandaloneHost()
+    """The host SDK when the Transformer Lab harness runs us, else stand-alone.
+
+    The SDK module exists only inside the host (its harness puts it on sys.path), so
+    being able to import it is the test.
+    """
+    from .tlab_host import TransformerLabHost, sdk_available
+
+    if sdk_available():
+        logger.info("running inside Transformer Lab")
+        return TransformerLabHost()
+    return StandaloneHost()

@@ -49,7 +49,13 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
     if dest.exists():
         old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(dest, old)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:  # put the old folder back rather than leave none
+        if old is not None:
+            os.replace(old, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -92,10 +98,26 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def adaptor_dir(cfg: Any) -> Path:
-    """The host's adaptor_output_dir, else <output_dir>/adaptors/<adaptor_name>."""
-    if cfg.adaptor_output_dir:
-        return Path(cfg.adaptor_output_dir)
-    return Path(cfg.output_dir) / "adaptors" / safe_name(cfg.adaptor_name, "adaptor_name")
+    """The host's adaptor_output_dir, else <output_dir>/adaptors/<adaptor_name>.
+
+    The host builds adaptor_output_dir by appending the adaptor name as the user typed
+    it: a name such as '../../evil' is replaced by its sanitised form, so the adaptor
+    stays one folder below the host's adaptors/<model>/ folder.
+    """
+    name = safe_name(cfg.adaptor_name, "adaptor_name")
+    if not cfg.adaptor_output_dir:
+        return Path(cfg.output_dir) / "adaptors" / name
+    given, raw = str(cfg.adaptor_output_dir), str(cfg.adaptor_name)
+    if _unsafe_component(raw) and given.rstrip("/\\").endswith(raw.rstrip("/\\")):
+        return Path(given.rstrip("/\\")[: -len(raw.rstrip("/\\"))]) / name
+    if ".." in Path(given).parts:
+        raise ValueError(f"adaptor_output_dir {given!r} must not contain '..'")
+    return Path(given)
+
+
+def _unsafe_component(name: str) -> bool:
+    """Not usable as one folder name as it is (separators, '..', hidden, empty)."""
+    return not name or name.startswith(".") or "/" in name or "\\" in name
 
 
 def full_model_dir(cfg: Any, models_dir: Path | None, suffix: str = "") -> Path:
@@ -104,6 +126,17 @@ def full_model_dir(cfg: Any, models_dir: Path | None, suffix: str = "") -> Path:
         f"{model_short_name(cfg.model_name)}_{safe_name(cfg.adaptor_name, 'adaptor_name')}{suffix}"
     )
     return (models_dir or Path(cfg.output_dir) / "models") / name
+
+
+def planned_output(cfg: Any, models_dir: Path | None) -> Path:
+    """Where this job's model will go, computed before training so that a bad name fails
+    the job at once instead of after the last step."""
+    try:
+        return adaptor_dir(cfg) if cfg.lora else full_model_dir(cfg, models_dir)
+    except ValueError as e:
+        from .config import ConfigError
+
+        raise ConfigError([str(e)]) from None
 
 
 def _architecture(model: Any) -> str:

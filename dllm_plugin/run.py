@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .callbacks import HostCallback, StopSignals
+from .callbacks import HostCallback, StopSignals, use_loss_progress_bar
 from .config import ConfigError, JobConfig, resolve_path
 from .data.collators import DreamCollator, MDLMCollator
 from .data.sft import (
@@ -31,9 +31,19 @@ from .models.families import (
     resolve_method,
 )
 from .models.loading import LoadOptions, load_model, resolve_model_path
-from .outputs import save_outputs, write_json
+from .outputs import planned_output, save_outputs, write_json
+from .plots import plot_loss_curves
+from .preview import (
+    PreviewCallback,
+    PreviewPrompt,
+    as_records,
+    generate_previews,
+    log_previews,
+    pick_prompts,
+    write_tensorboard_text,
+)
 from .trainers import DreamConfig, DreamTrainer, MDLMConfig, MDLMTrainer
-from .training_args import resolve_resume, training_arguments
+from .training_args import latest_checkpoint, resolve_resume, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +59,7 @@ class Prepared:
     ids: TokenIds
     train: Any
     eval: Any
-    eval_rows: Any
+    preview_prompts: list[PreviewPrompt]
 
 
 def prepare(cfg: JobConfig, host: Host) -> Prepared:
@@ -73,7 +83,9 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
         cfg.input_template or "", cfg.output_template or "", cfg.instruction_template or ""
     )
     opts = TokenizeOptions(cfg.max_length, cfg.truncation, cfg.mask_prompt_loss)
-    train = build_sft_dataset(train_rows, tokenizer, templates, opts, cfg.num_proc, "train")
+    train = build_sft_dataset(
+        train_rows, tokenizer, templates, opts, cfg.num_proc, "train", keep_messages=True
+    )
     evalset = (
         build_sft_dataset(
             eval_rows, tokenizer, templates, opts, cfg.num_proc, "eval", keep_messages=True
@@ -86,7 +98,11 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
         len(train),
         len(evalset) if evalset is not None else "no",
     )
-    return Prepared(method, model_path, model_config, tokenizer, ids, train, evalset, eval_rows)
+    # Held-out prompts when there is an eval split; else the first training prompts.
+    source = evalset if evalset is not None else train
+    n = min(cfg.num_preview_samples, len(source))
+    prompts = pick_prompts(source.select(range(n))["messages"], n) if n else []
+    return Prepared(method, model_path, model_config, tokenizer, ids, train, evalset, prompts)
 
 
 def _is_local(name: str, cfg: JobConfig) -> bool:
@@ -125,17 +141,33 @@ def build_trainer(
         collator = MDLMCollator(pad_token_id=prep.ids.pad_id)
         trainer_cls = MDLMTrainer
     eval_features = prep.eval.remove_columns("messages") if prep.eval is not None else None
-    return trainer_cls(
+    previews = []
+    if cfg.sample_every_eval and prep.preview_prompts:
+        previews.append(
+            PreviewCallback(
+                prep.tokenizer,
+                prep.ids,
+                prep.method,
+                prep.preview_prompts,
+                cfg.preview_max_new_tokens,
+                host,
+            )
+        )
+    trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=prep.train,
+        train_dataset=prep.train.remove_columns("messages"),
         eval_dataset=eval_features,
         data_collator=collator,
         processing_class=prep.tokenizer,
         mask_token_id=prep.ids.mask_id,
         bos_token_id=prep.ids.bos_id,
-        callbacks=[HostCallback(host, stop)],
+        callbacks=[HostCallback(host, stop), *previews],
     )
+    use_loss_progress_bar(trainer)
+    for callback in previews:
+        callback.trainer = trainer
+    return trainer
 
 
 def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
@@ -143,14 +175,18 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
     started = time.time()
     output_dir = Path(cfg.output_dir)
     check_device(cfg)
+    host.configure(cfg)
+    logger.info("the trained model will be saved to %s", planned_output(cfg, host.models_dir()))
     prep = prepare(cfg, host)
     loaded = load_model(prep.model_path, prep.method, load_options(cfg))
     stop = StopSignals()
     trainer = build_trainer(cfg, prep, loaded.model, host, stop)
     resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    before = preview_answers(cfg, prep, trainer, "preview before training") if not resume else None
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=resume)
-    finished = not stop.requested
+    # A stop that arrives with the last step has nothing left to stop.
+    finished = not stop.requested or trainer.state.global_step >= trainer.state.max_steps
     metrics = dict(result.metrics)
     if finished and prep.eval is not None:
         metrics.update(trainer.evaluate())
@@ -167,11 +203,39 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
         "total_params": loaded.total_params,
         "elapsed_seconds": round(time.time() - started, 1),
     }
+    after = preview_answers(cfg, prep, trainer, "preview after training") if finished else None
+    if after is not None:
+        summary["samples"] = as_records(prep.preview_prompts, after, before)
+        write_tensorboard_text(trainer, summary["samples"], trainer.state.global_step)
+        host.add_data("preview_samples", summary["samples"])
     if trainer.is_world_process_zero():
         if finished:
             summary.update(save_outputs(cfg, prep, trainer, host))
+        else:
+            summary["checkpoint"] = str(latest_checkpoint(output_dir))
+        summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
         write_json(output_dir / "run_summary.json", summary)
     return summary
+
+
+def preview_answers(cfg: JobConfig, prep: Prepared, trainer: Any, title: str) -> list[str] | None:
+    """Answers to the preview prompts (main process only; not for sharded models)."""
+    if not prep.preview_prompts or not trainer.is_world_process_zero():
+        return None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        logger.info("previews are skipped with fsdp/deepspeed (the weights are sharded)")
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    answers = generate_previews(
+        model,
+        prep.tokenizer,
+        prep.ids,
+        prep.method,
+        prep.preview_prompts,
+        cfg.preview_max_new_tokens,
+    )
+    log_previews(title, prep.preview_prompts, answers)
+    return answers
 
 
 def load_options(cfg: JobConfig) -> LoadOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -89,12 +90,17 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def resolve_resume(value: str, output_dir: Path) -> str | None:
-    """'off' -> None; 'auto' -> newest complete checkpoint in output_dir (or None); else the path."""
+    """'off' -> None; 'auto' -> newest complete checkpoint in output_dir (or None); else the
+    path (a folder of checkpoints stands for its newest complete one)."""
     value = (value or "off").strip()
     if value in ("off", ""):
         return None
     if value != "auto":
-        return str(Path(value).expanduser())
+        path = Path(value).expanduser()
+        if not (path / TRAINER_STATE).is_file() and (found := latest_checkpoint(path)):
+            logger.info("resume_from_checkpoint %s holds checkpoints: resuming from %s", path, found)
+            return str(found)
+        return str(path)
     found = latest_checkpoint(output_dir)
     if found is None:
         logger.info("resume_from_checkpoint auto: no checkpoint in %s, starting fresh", output_dir)
@@ -103,13 +109,41 @@ def resolve_resume(value: str, output_dir: Path) -> str | None:
     return str(found) if found else None
 
 
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint that finished writing, else None.
+
+    transformers writes the weights, optimizer, scheduler and RNG state first and
+    trainer_state.json last, without a rename: a readable trainer_state.json for the
+    folder's own step means the rest is there; a process killed while writing it leaves
+    a truncated file, which does not parse.
+    """
+    match = CHECKPOINT_RE.match(path.name)
+    if not match or not path.is_dir():
+        return None
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    step = int(match.group(1))
+    return step if isinstance(state, dict) and state.get("global_step") == step else None
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint that finished writing (its trainer_state.json exists)."""
+    """The most recently written complete checkpoint in output_dir.
+
+    Most recent by the time trainer_state.json was written, not by step number: the
+    host gives every job of a training template the same output_dir, so checkpoints of
+    an older job with more steps can sit beside the ones of the job being resumed.
+    """
+    output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
     complete = [
-        (int(m.group(1)), p)
+        ((p / TRAINER_STATE).stat().st_mtime, step, p)
         for p in output_dir.iterdir()
-        if (m := CHECKPOINT_RE.match(p.name)) and (p / "trainer_state.json").is_file()
+        if (step := checkpoint_step(p)) is not None
     ]
-    return max(complete)[1] if complete else None
+    return max(complete)[2] if complete else None

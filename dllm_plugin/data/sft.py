@@ -122,7 +122,9 @@ def tokenize_messages(
         return _dropped(f"longer than max_length {opts.max_length} (truncation=filter)")
     if opts.truncation == "right":
         if prompt_len > opts.max_length:
-            return _dropped(f"prompt alone longer than max_length {opts.max_length} (truncation=right)")
+            return _dropped(
+                f"prompt alone longer than max_length {opts.max_length} (truncation=right)"
+            )
         full_ids = full_ids[: opts.max_length]
     labels = list(full_ids)
     if opts.mask_prompt_loss:
@@ -184,6 +186,7 @@ def build_sft_dataset(
     if len(kept) == 0:
         raise DataError(
             f"no {split_name} rows left after truncation: all {len(features)} were dropped ({detail}); "
-            "raise max_length or use truncation 'right'"
+            "raise max_length"
+            + (" or use truncation 'right'" if opts.truncation == "filter" else "")
         )
     return kept
