@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -80,8 +78,8 @@ def test_mdlm_validation(features, message: str) -> None:
 
 
 def expected_perbatch(features: list[dict], seed: int) -> dict:
-    """Reimplementation of the draw: one randint over the batch from a fresh generator."""
-    gen = torch.Generator().manual_seed(seed)
+    """Reimplementation of the draw: one randint over the batch from the batch's generator."""
+    gen = collators.batch_generator(seed, [f["input_ids"] for f in features])
     chosen = int(torch.randint(len(features), (1,), generator=gen))
     kept = len(features[chosen]["input_ids"]) - features[chosen]["prompt_len"]
     trimmed = [
@@ -106,10 +104,9 @@ def test_dream_perbatch_cutoff_matches_seeded_draw(seed: int) -> None:
 
 def test_dream_perbatch_cutoff_invariants() -> None:
     features = batch_features()
-    coll = DreamCollator(pad_token_id=PAD, seed=123)
     seen = set()
-    for _ in range(30):
-        out = coll(features)
+    for seed in range(30):  # the draw is fixed per (seed, batch): vary the seed
+        out = DreamCollator(pad_token_id=PAD, seed=seed)(features)
         rows, prompts = out["input_ids"].tolist(), out["prompt_len"].tolist()
         resp = [sum(tok != PAD for tok in row[p:]) for row, p in zip(rows, prompts, strict=True)]
         kept = max(resp)  # the chosen example keeps its whole response
@@ -144,10 +141,12 @@ def test_dream_tail_cut_range_and_seeded_draw() -> None:
     features = [feature([1], list(range(10, 16))), feature([2, 3], list(range(20, 29)))]
     plain = MDLMCollator(pad_token_id=PAD)(features)  # width 11, min response 6
     coll = DreamCollator(pad_token_id=PAD, perbatch_cutoff=False, resp_cutoff_ratio=1.0, seed=5)
-    gen = torch.Generator().manual_seed(5)
     cuts = set()
-    for _ in range(40):
+    for first in range(40):  # 40 batches differing in one token
+        features[0]["input_ids"][0] = first
+        plain = MDLMCollator(pad_token_id=PAD)(features)
         out = coll(features)
+        gen = collators.batch_generator(5, [f["input_ids"] for f in features])
         torch.rand((), generator=gen)
         cut = int(torch.randint(1, 6, (1,), generator=gen))
         assert out["input_ids"].shape[1] == 11 - cut
@@ -198,7 +197,11 @@ def test_dream_reproducible_and_seed_sensitive() -> None:
 
     def widths(seed: int) -> list[int]:
         coll = DreamCollator(pad_token_id=PAD, seed=seed)
-        return [coll(features)["input_ids"].shape[1] for _ in range(20)]
+        out = []
+        for first in range(20):
+            features[0]["input_ids"][0] = first
+            out.append(coll(features)["input_ids"].shape[1])
+        return out
 
     assert widths(11) == widths(11)
     assert widths(11) != widths(12)
@@ -211,18 +214,16 @@ def test_dream_label_pad_default_and_prompt_len_kept() -> None:
     assert out["prompt_len"].tolist() == [1, 1]
 
 
-def test_dream_reseeds_per_dataloader_worker(monkeypatch) -> None:
-    features = batch_features()
-
-    def widths(worker_id) -> list[int]:
-        info = None if worker_id is None else types.SimpleNamespace(id=worker_id)
-        monkeypatch.setattr(collators, "get_worker_info", lambda: info)
-        coll = DreamCollator(pad_token_id=PAD, seed=0)
-        return [coll(features)["input_ids"].shape[1] for _ in range(20)]
-
-    main, w0, w1 = widths(None), widths(0), widths(1)
-    assert main == widths(None) and w0 == widths(0)
-    assert len({tuple(main), tuple(w0), tuple(w1)}) == 3
+def test_dream_draw_depends_on_the_batch_not_on_history() -> None:
+    """A resumed run skips batches without collating them: the cut must not depend on them."""
+    batch_a = batch_features()
+    batch_b = [{**f, "input_ids": [t + 1 for t in f["input_ids"]]} for f in batch_features()]
+    coll = DreamCollator(pad_token_id=PAD, seed=3)
+    first = coll(batch_a)
+    coll(batch_b)
+    again = coll(batch_a)
+    fresh = DreamCollator(pad_token_id=PAD, seed=3)(batch_a)
+    assert all(torch.equal(first[k], again[k]) and torch.equal(first[k], fresh[k]) for k in first)
 
 
 def test_dream_validates_ratio() -> None:

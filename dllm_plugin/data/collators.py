@@ -7,13 +7,13 @@ mask, so the collators return none (a mask would hide the padded EOS from the mo
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import get_worker_info
 
 __all__ = ["DreamCollator", "MDLMCollator"]
 
@@ -102,6 +102,12 @@ class MDLMCollator:
         return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
 
 
+def batch_generator(seed: int, batch_ids: Sequence[Sequence[int]]) -> torch.Generator:
+    """A generator determined by the seed and the batch's token ids (history-free)."""
+    digest = hashlib.sha256(repr((seed, [list(ids) for ids in batch_ids])).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 @dataclass
 class DreamCollator(MDLMCollator):
     """MDLM padding plus Dream's random response cut-offs (against length bias).
@@ -113,41 +119,33 @@ class DreamCollator(MDLMCollator):
     min_resp_len is the shortest response (nothing happens when it is <= 1). Every row
     therefore keeps its prompt and at least one response token.
 
-    Randomness comes from a private generator seeded from `seed`, so batches are
-    reproducible; inside a DataLoader worker it is reseeded from (seed, worker id) so
-    workers do not repeat each other's draws.
+    Randomness comes from a generator keyed by (seed, the batch's token ids): the same
+    batch always gets the same cut, so runs are reproducible, DataLoader workers do not
+    repeat each other, and a resumed run (which skips batches without collating them)
+    cuts exactly as the uninterrupted run did.
     """
 
     perbatch_cutoff: bool = True
     resp_cutoff_ratio: float = 0.0
     seed: int = 0
-    _generator: torch.Generator = field(init=False, repr=False, compare=False)
-    _worker_id: int | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.resp_cutoff_ratio <= 1.0:
             raise ValueError(f"resp_cutoff_ratio must be in [0, 1], got {self.resp_cutoff_ratio}")
-        self._generator = torch.Generator().manual_seed(self.seed)
 
-    def _rng(self) -> torch.Generator:
-        """The generator, reseeded once per DataLoader worker (forked copies share state)."""
-        info = get_worker_info()
-        worker_id = None if info is None else info.id
-        if worker_id != self._worker_id:
-            self._worker_id = worker_id
-            offset = 0 if worker_id is None else 7919 * (worker_id + 1)
-            self._generator = torch.Generator().manual_seed(self.seed + offset)
-        return self._generator
+    def _rng(self, rows: list[_Row]) -> torch.Generator:
+        return batch_generator(self.seed, [r.input_ids for r in rows])
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         rows = _to_rows(features)
+        rng = self._rng(rows)
         if self.perbatch_cutoff:
-            return self._pad(self._cut_to_random_response(rows))
-        return self._pad(rows, max_width=self._tail_cut_width(rows))
+            return self._pad(self._cut_to_random_response(rows, rng))
+        return self._pad(rows, max_width=self._tail_cut_width(rows, rng))
 
-    def _cut_to_random_response(self, rows: list[_Row]) -> list[_Row]:
-        chosen = int(torch.randint(len(rows), (1,), generator=self._rng()))
+    def _cut_to_random_response(self, rows: list[_Row], rng: torch.Generator) -> list[_Row]:
+        chosen = int(torch.randint(len(rows), (1,), generator=rng))
         kept = rows[chosen].response_len
         return [
             r
@@ -158,11 +156,10 @@ class DreamCollator(MDLMCollator):
             for r in rows
         ]
 
-    def _tail_cut_width(self, rows: list[_Row]) -> int | None:
+    def _tail_cut_width(self, rows: list[_Row], rng: torch.Generator) -> int | None:
         """Width of the batch after the random tail cut, or None for no cut."""
         if self.resp_cutoff_ratio <= 0.0:
             return None
-        rng = self._rng()
         if float(torch.rand((), generator=rng)) >= self.resp_cutoff_ratio:
             return None
         min_resp = min(r.response_len for r in rows)
