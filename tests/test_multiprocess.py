@@ -1,0 +1,154 @@
+"""Real multi-process CPU runs through main.py (two gloo ranks under accelerate launch).
+
+Slow by nature (each process imports torch and transformers: about 30-60 s per run on a
+small machine), so the runs are shared: one 2-process run, one 1-process reference
+run, one failing run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = REPO / "main.py"
+DEMO_ROWS = REPO / "dllm_plugin" / "demo" / "chat_demo.jsonl"
+RUN_TIMEOUT_S = 420  # a hang fails the test instead of blocking the suite
+STEPS = 6  # 16 rows, global batch 4: crosses into a second (reshuffled) epoch
+
+
+def write_job(folder: Path, model: Path, data: Path, **params) -> Path:
+    """A flat job file: tiny model, few steps, no evaluation, previews or W&B."""
+    config = {
+        "model_name": str(model),
+        "dataset_name": str(data),
+        "training_method": "bert",
+        "train_device": "cpu",
+        "num_processes": 2,
+        "dtype": "float32",
+        "batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "train_steps": STEPS,
+        "max_length": 32,
+        "learning_rate": 1e-3,
+        "learning_rate_schedule": "constant",
+        "warmup_ratio": 0,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "eval_split_ratio": 0,
+        "save_steps": 100,
+        "num_preview_samples": 0,
+        "log_to_wandb": False,
+        "num_proc": 1,
+        "seed": 7,
+        "output_dir": str(folder / "out"),
+        **params,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "job.json"
+    path.write_text(json.dumps({"config": config}), encoding="utf-8")
+    return path
+
+
+def run_main(job: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python main.py --input_file job` in a clean environment (no inherited ranks)."""
+    env = dict(os.environ)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "DLLM_FAILURE_DIR", "TENSORBOARD_LOGGING_DIR"):
+        env.pop(name, None)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    return subprocess.run(
+        [sys.executable, str(MAIN), "--input_file", str(job), *extra],
+        cwd=job.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+
+
+def losses(summary_path: Path) -> dict[int, float]:
+    history = json.loads(summary_path.read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mp-data") / "rows.jsonl"
+    path.write_text("".join(DEMO_ROWS.read_text().splitlines(keepends=True)[:16]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_bert_session, data_file):
+    folder = tmp_path_factory.mktemp("mp-two")
+    job = write_job(folder, tiny_bert_session, data_file, num_processes=2)
+    return folder, run_main(job, "--experiment_name", "mp-test")
+
+
+def test_two_processes_train_and_rank_0_writes_outputs(two_process_run):
+    folder, proc = two_process_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert "launch plan:" in out and "processes     2" in out and "cpu (gloo)" in out
+    assert "global batch  4 = batch_size 2 x 2 process(es)" in out
+    assert "--experiment_name mp-test" in out  # the harness's arguments reach the children
+    summary = json.loads((folder / "out" / "run_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["global_step"] == STEPS
+    # 6 steps of a global batch of 4 over 16 rows: both ranks consumed their shard.
+    assert summary["metrics"]["epoch"] == pytest.approx(STEPS * 4 / 16)
+    checkpoint = folder / "out" / f"checkpoint-{STEPS}"
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
+    models = [p for p in (folder / "out" / "models").iterdir()]
+    assert len(models) == 1 and (models[0] / "config.json").is_file()
+    assert not list((folder / "out").rglob("*.tmp-*"))
+
+
+def test_loss_does_not_depend_on_process_count(
+    two_process_run, tmp_path, tiny_bert_session, data_file
+):
+    """Same global batch (2 x 2 processes x GA 1 == 2 x 1 process x GA 2), same seed."""
+    folder, proc = two_process_run
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    job = write_job(
+        tmp_path / "one",
+        tiny_bert_session,
+        data_file,
+        num_processes=1,
+        gradient_accumulation_steps=2,
+    )
+    single = run_main(job)
+    assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
+    assert "launch plan:" not in single.stdout  # one process trains in place
+    two = losses(folder / "out" / "run_summary.json")
+    one = losses(tmp_path / "one" / "out" / "run_summary.json")
+    print(f"1 process x GA 2: {one}\n2 processes x GA 1: {two}")
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    assert one[1] == pytest.approx(two[1], abs=1e-5)
+    for step in range(2, STEPS + 1):
+        assert one[step] == pytest.approx(two[step], rel=1e-3)
+
+
+def test_child_failure_fails_the_parent_with_the_childs_reason(
+    tmp_path, tiny_bert_session, data_file
+):
+    """The dataset is only opened in the children: their reason must reach the parent."""
+    missing = tmp_path / "no_such_rows.jsonl"
+    job = write_job(tmp_path / "bad", tiny_bert_session, missing, num_processes=2)
+    proc = run_main(job)
+    assert proc.returncode != 0
+    line = last_line(proc.stdout)
+    assert line.startswith("FAILED: rank "), proc.stdout[-4000:]
+    assert "DataError" in line and "no_such_rows.jsonl" in line
+    assert not (tmp_path / "bad" / "out" / "run_summary.json").exists()
