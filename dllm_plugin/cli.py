@@ -7,10 +7,13 @@ reason as the last log line, tells the host, and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import ConfigError, build_job_config, read_input_file
@@ -46,6 +49,12 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one job; the exit status to return to the shell or the host."""
+    with interrupt_on_sigterm():
+        return run_cli(argv)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     from .host import detect_host
@@ -59,19 +68,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.job_id and "job_id" not in raw:
             raw = {**raw, "job_id": args.job_id}
         cfg = build_job_config(raw, experiment, source_dir=input_file.resolve().parent)
-        from .launch import maybe_relaunch
+        from .launch import host_for_this_process, maybe_relaunch
 
         launched = maybe_relaunch(cfg, input_file, args)
         if launched is not None:  # this process only supervised the training processes
             if launched.returncode != 0:
                 return _failed(host, launched.reason)
             return 0
+        host = host_for_this_process(host)  # ranks other than 0 never update the host
         host.running()
         from .run import run_job
 
         summary = run_job(cfg, host)
-    except KeyboardInterrupt:
-        return _failed(host, "interrupted (KeyboardInterrupt)")
+    except KeyboardInterrupt as e:
+        return _failed(
+            host, f"interrupted ({str(e) or 'KeyboardInterrupt'}) before the job finished"
+        )
     except ConfigError as e:
         return _failed(host, str(e))
     except Exception as e:  # every failure must reach the host and the exit status
@@ -88,13 +100,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """While the job runs, SIGTERM fails it like Ctrl-C instead of killing the process
+    silently (the host would then show the killed job as COMPLETE). During training
+    StopSignals turns it into a checkpoint-and-stop instead."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _failed(host, reason: str) -> int:
+    from .launch import record_failure
+
+    record_failure(reason)  # a launched child leaves its reason for the launcher
     try:
         host.fail(reason)
     finally:
         logger.error("job failed: %s", reason)
-        print(f"FAILED: {reason.splitlines()[0] if reason else 'unknown error'}", flush=True)
+        print(f"FAILED: {one_line(reason)}", flush=True)
     return 1
+
+
+def one_line(reason: str, limit: int = 1000) -> str:
+    """The whole reason on the last log line: a config error lists its problems on the
+    lines after its first, and the first alone ('invalid job configuration:') says nothing."""
+    parts = [line.strip().removeprefix("- ") for line in reason.splitlines() if line.strip()]
+    text = " ".join(parts) if parts else "unknown error"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _print_final(summary: dict) -> None:
@@ -107,7 +150,7 @@ def _print_final(summary: dict) -> None:
             if isinstance(value, float)
             else f"  {key:<{width}}  {value}"
         )
-    for key in ("output_path", "merged_model_path"):
+    for key in ("output_path", "merged_model_path", "loss_plot"):
         if summary.get(key):
             print(f"{key.replace('_', ' ')}: {summary[key]}", flush=True)
     print(

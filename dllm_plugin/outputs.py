@@ -7,6 +7,7 @@ complete, so a crash leaves either the old folder or the new one, never a mix.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `dest` in one rename."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(dest)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -58,6 +60,18 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(dest: Path) -> None:
+    """Tidy up after a process that was killed inside atomic_folder: put back the old
+    folder if it was killed between the two renames, and delete half-written temporaries."""
+    dest, name = Path(dest), glob.escape(Path(dest).name)
+    olds = sorted(dest.parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not dest.exists():
+        logger.warning("restoring %s from %s (a save was interrupted)", dest, olds[-1].name)
+        os.replace(olds.pop(), dest)
+    for leftover in [*olds, *dest.parent.glob(f".{name}.tmp-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_model_folder(dest: Path, write: Callable[[Path], None]) -> Path:

@@ -57,7 +57,9 @@ def load_sdk() -> ModuleType | None:
                 logger.warning("Transformer Lab SDK %s cannot be imported: %s", name, e)
             continue
         except (Exception, SystemExit) as e:  # the SDK exits when it finds no workspace
-            logger.warning("Transformer Lab SDK %s failed to load (%s): running stand-alone", name, e)
+            logger.warning(
+                "Transformer Lab SDK %s failed to load (%s): running stand-alone", name, e
+            )
             return None
         if hasattr(module, "tlab_trainer"):
             return module
@@ -166,7 +168,9 @@ class TransformerLabHost(Host):
         found = getattr(module, "WORKSPACE_DIR", None) or os.environ.get("TFL_WORKSPACE_DIR")
         if not found or "://" in str(found):
             if found:
-                logger.warning("workspace %s is remote storage: full models stay in output_dir", found)
+                logger.warning(
+                    "workspace %s is remote storage: full models stay in output_dir", found
+                )
             return None
         self._workspace = Path(found)
         return self._workspace

@@ -20,7 +20,7 @@ def training_arguments(
 ) -> MDLMConfig:
     """The Trainer's arguments; every value traces back to a manifest parameter."""
     output_dir = Path(cfg.output_dir)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(tensorboard_dir(cfg)))
+    use_tensorboard_dir(cfg)
     eval_strategy = cfg.eval_strategy if has_eval else "no"
     if cfg.eval_strategy != "no" and not has_eval:
         logger.warning(
@@ -72,6 +72,22 @@ def training_arguments(
     return MDLMConfig(**common, loss_weight_type=cfg.mdlm_loss_weight_type)
 
 
+_TENSORBOARD_ENV = "TENSORBOARD_LOGGING_DIR"  # transformers 5 reads the folder from here
+_tensorboard_dir_we_set: str | None = None
+
+
+def use_tensorboard_dir(cfg: JobConfig) -> None:
+    """Point the Trainer's TensorBoard writer at this job's folder under output_dir.
+
+    A folder the user exported wins; one a previous job of this process set does not
+    (else a second in-process job would write into the first job's folder).
+    """
+    global _tensorboard_dir_we_set
+    current = os.environ.get(_TENSORBOARD_ENV)
+    if current is None or current == _tensorboard_dir_we_set:
+        _tensorboard_dir_we_set = os.environ[_TENSORBOARD_ENV] = str(tensorboard_dir(cfg))
+
+
 def tensorboard_dir(cfg: JobConfig) -> Path:
     """A fresh TensorBoard run folder under output_dir (one per job)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -98,7 +114,9 @@ def resolve_resume(value: str, output_dir: Path) -> str | None:
     if value != "auto":
         path = Path(value).expanduser()
         if not (path / TRAINER_STATE).is_file() and (found := latest_checkpoint(path)):
-            logger.info("resume_from_checkpoint %s holds checkpoints: resuming from %s", path, found)
+            logger.info(
+                "resume_from_checkpoint %s holds checkpoints: resuming from %s", path, found
+            )
             return str(found)
         return str(path)
     found = latest_checkpoint(output_dir)

@@ -1,0 +1,1 @@
+"""Fake Transformer Lab plugin SDK package."""
