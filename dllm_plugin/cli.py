@@ -96,7 +96,8 @@ def run_cli(argv: list[str] | None = None) -> int:
         )
         return 0
     host.complete(summary)
-    _print_final(summary)
+    if os.environ.get("RANK", "0") == "0":  # other ranks saved nothing to report
+        _print_final(summary)
     return 0
 
 

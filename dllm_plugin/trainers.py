@@ -224,46 +224,105 @@ class MDLMTrainer(Trainer):
         masked: torch.Tensor,
         scale: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of scale * CE over masked positions, per-masked-token CE for metrics)."""
+        """(sum of scale * CE over masked positions, per-masked-token CE for metrics).
+
+        Masked-only path (default): the model runs with its vocabulary head swapped for a
+        pass-through, so `.logits` are the head's input [b, l, d]; only the masked rows
+        (Dream: the rows one to the left) go through the head and the CE in row chunks, so
+        neither [b*l, V] nor [n, V] logits ever exist. The full path (`score_masked_only`
+        off, or a head that cannot be separated) is model(...).logits and the CE at the
+        same rows.
+        """
         # A position scored by the output at i-1 (Dream) is still indexed by i here.
         rows, cols = masked.nonzero(as_tuple=True)
         src_cols = cols - 1 if self.shift_logits else cols
         targets = clean[rows, cols]
         token_scale = scale[rows, cols]
-        head = self._separable_head(model) if self.args.score_masked_only else None
-        if head is not None:
-            with swapped_head(model, head):
-                hidden = model(input_ids=noised).logits
-            picked = hidden[rows, src_cols]
-            return chunked_linear_cross_entropy(
-                picked,
-                head.weight,
-                head.bias,
-                targets,
-                token_scale.to(torch.float32),
-                self.args.head_chunk_size,
+        head = self._separable_head(model, noised) if self.args.score_masked_only else None
+        if head is None:
+            logits = model(input_ids=noised).logits
+            picked = logits[rows, src_cols].float()
+            del logits  # backward needs only the picked rows: free [b, l, V] now
+            ce = nn.functional.cross_entropy(picked, targets, reduction="none")
+            return (ce * token_scale).sum(), ce.detach()
+        with swapped_head(model, head) as head_inputs:
+            hidden = model(input_ids=noised).logits
+        if len(head_inputs) != 1 or head_inputs[0] is not hidden:
+            raise RuntimeError(
+                "score_masked_only: the model's output is not its head's input although the "
+                "first check passed; set score_masked_only to false"
             )
-        logits = model(input_ids=noised).logits
-        ce = nn.functional.cross_entropy(logits[rows, src_cols].float(), targets, reduction="none")
-        return (ce * token_scale).sum(), ce.detach()
-
-    def _separable_head(self, model: nn.Module) -> nn.Linear | None:
-        """The vocabulary head if it is a plain Linear we can run ourselves, else None."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        head = (
-            unwrapped.get_output_embeddings()
-            if hasattr(unwrapped, "get_output_embeddings")
-            else None
+        # The fp32 [V, rows] block stays within max(32 MiB, an eighth of the head's fp32
+        # gradient, which exists anyway): flat memory, yet enough rows for fast matmuls.
+        budget_rows = max(2**23 // head.out_features, head.in_features // 8)
+        chunk_rows = max(1, min(self.args.head_chunk_size, budget_rows))
+        return chunked_linear_cross_entropy(
+            hidden[rows, src_cols],
+            head.weight,
+            head.bias,
+            targets,
+            token_scale.to(torch.float32),
+            chunk_rows,
         )
-        sharded = self.is_fsdp_enabled or (
-            head is not None and head.weight.numel() == 0
-        )  # FSDP / ZeRO-3
-        if type(head) is nn.Linear and not sharded and _parent_of(unwrapped, head) is not None:
+
+    def _separable_head(self, model: nn.Module, input_ids: torch.Tensor) -> nn.Linear | None:
+        """The vocabulary head if running it ourselves on picked rows is exact, else None.
+
+        Structure: get_output_embeddings() must be a plain nn.Linear submodule whose weight
+        is held whole here (FSDP and ZeRO-3 keep empty local shards; a 4-bit or LoRA head is
+        another type). Behaviour, checked once per head on a tiny forward: the model's
+        logits must equal head(head input), i.e. the head is the model's last operation and
+        runs once (no logit scaling or soft-capping, no sparse prediction). Otherwise the
+        full-logits path is used, with one log line.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        getter = getattr(unwrapped, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+
+        def probe() -> str | None:
+            """Eval mode (no dropout, no checkpointing), no_grad; train flags restored."""
+            ids = input_ids[:1, : min(int(input_ids.shape[1]), 8)]
+            modes = [(m, m.training) for m in unwrapped.modules()]
+            try:
+                unwrapped.eval()
+                with torch.no_grad():
+                    full = unwrapped(input_ids=ids).logits
+                    with swapped_head(unwrapped, head) as seen:
+                        hidden = unwrapped(input_ids=ids).logits
+                    if len(seen) != 1 or seen[0] is not hidden:
+                        return "the model does not return its head's output unchanged"
+                    separate = head(hidden)
+            except Exception as e:  # e.g. the forward reads the head's weight directly
+                return f"the check forward failed: {type(e).__name__}: {e}"
+            finally:
+                for module, mode in modes:
+                    module.training = mode
+            if separate.shape != full.shape or not torch.allclose(
+                separate.float(), full.float(), rtol=1e-4, atol=1e-5
+            ):
+                return "head(head input) differs from the model's logits"
+            return None
+
+        def why_not() -> str | None:
+            if type(head) is not nn.Linear:
+                return f"it is a {type(head).__name__}, not a plain nn.Linear"
+            if self.is_fsdp_enabled or head.weight.numel() == 0:
+                return "its weight is sharded (FSDP / ZeRO-3)"
+            if _parent_of(unwrapped, head) is None:
+                return "it is not a submodule of the model"
+            return probe()
+
+        verdict = getattr(self, "_head_verdict", None)
+        if verdict is None or verdict[0] is not head:
+            verdict = (head, why_not())
+            self._head_verdict = verdict
+        if verdict[1] is None:
             return head
         if not self._head_fallback_logged:
-            logger.info(
-                "score_masked_only: the output head is not a separable Linear (%s); using full logits",
-                type(head).__name__,
+            logger.warning(
+                "score_masked_only: the output head cannot be run separately (%s); "
+                "scoring with full logits",
+                verdict[1],
             )
             self._head_fallback_logged = True
         return None
@@ -345,6 +404,7 @@ def keyed_generator(*key: int) -> torch.Generator:
 
 
 def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str] | None:
+    """(module, attribute name) that holds `child` inside `root`, or None."""
     for module in root.modules():
         for name, sub in module.named_children():
             if sub is child:
@@ -354,17 +414,22 @@ def _parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str] | Non
 
 @contextlib.contextmanager
 def swapped_head(model: nn.Module, head: nn.Module):
-    """Run the model with its vocabulary head replaced by Identity: `.logits` are hidden states.
+    """Run the model with its vocabulary head replaced by a pass-through.
 
-    The forward still goes through `model` (DDP/peft wrappers included), so gradient
-    synchronisation hooks see it; the head is applied afterwards to masked rows only.
+    `.logits` are then the head's input. Yields the list of tensors the stand-in returned,
+    so callers can check that the head ran exactly once and that its output came back
+    untouched. The forward still goes through `model` (DDP/peft wrappers included), so
+    gradient synchronisation hooks see it; the head is applied afterwards to masked rows.
     """
     found = _parent_of(model, head)
     if found is None:
         raise RuntimeError("the output head is not a submodule of the model")
     parent, name = found
-    setattr(parent, name, nn.Identity())
+    seen: list[torch.Tensor] = []
+    stand_in = nn.Identity()
+    stand_in.register_forward_hook(lambda _module, _args, out: seen.append(out))
+    setattr(parent, name, stand_in)
     try:
-        yield
+        yield seen
     finally:
         setattr(parent, name, head)

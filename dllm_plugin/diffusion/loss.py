@@ -274,11 +274,27 @@ def _autocast_off(device_type: str) -> Iterator[None]:
         yield
 
 
-def _chunk_grad_logits(logits32: Tensor, lse: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
-    """(softmax - onehot) * scale, computed in place in the fp32 logits buffer."""
-    grad = logits32.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
-    return grad.mul_(scale[:, None])
+def _softmax_columns(block: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """In place: fp32 logits [V, rows] -> exp(logits - column max). Returns (CE, column sums).
+
+    One pass each for max, subtract, exp and sum and no temporary [V, rows] tensor
+    (torch.logsumexp allocates one, and the softmax gradient would exponentiate again).
+    """
+    picked = block.gather(0, targets[None, :]).squeeze(0)
+    col_max = block.amax(dim=0)
+    block.sub_(col_max).exp_()
+    col_sum = block.sum(dim=0)
+    return col_max + col_sum.log() - picked, col_sum
+
+
+def _logits_columns(h: Tensor, w_mm: Tensor, b_mm: Tensor | None, out: Tensor) -> None:
+    """out[V, rows] = W h^T (+ b) in fp32; W @ h^T is the fast GEMM layout for few rows."""
+    if out.dtype != w_mm.dtype:
+        out.copy_(w_mm @ h.T if b_mm is None else torch.addmm(b_mm[:, None], w_mm, h.T))
+    elif b_mm is None:
+        torch.mm(w_mm, h.T, out=out)
+    else:
+        torch.addmm(b_mm[:, None], w_mm, h.T, out=out)
 
 
 def _chunked_ce(
@@ -293,47 +309,48 @@ def _chunked_ce(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loop over row chunks: loss, per-token CE and (when needed) all gradients at once.
 
-    Only [chunk, V] logits ever exist; weight and bias gradients accumulate in fp32.
+    One fp32 [V, chunk] buffer (transposed logits) is reused by every chunk and updated
+    in place: logits -> exp(logits - max) -> minus sum * one-hot. The per-row factor
+    w / sum goes onto the small [chunk, d] operands of the two gradient matmuls rather
+    than onto the big block. Weight and bias gradients accumulate in fp32.
     """
-    n = hidden.shape[0]
+    n, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
     w_mm = weight.to(mm_dtype)
     b_mm = bias.to(mm_dtype) if bias is not None else None
-    tw = token_weights.to(device=hidden.device, dtype=torch.float32)
-    ce = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    tw = token_weights.to(device=device, dtype=torch.float32)
+    ce = torch.zeros(n, dtype=torch.float32, device=device)
     grad_h = torch.empty_like(hidden) if needs[0] else None
-    grad_w = (
-        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
-    )
-    grad_b = (
-        torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-        if needs[2]
-        else None
-    )
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs[1] else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if needs[2] else None
+    buffer = torch.empty(vocab * min(chunk_size, n), dtype=torch.float32, device=device)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h = hidden[start:end].to(mm_dtype)
-        logits = h @ w_mm.T if b_mm is None else torch.addmm(b_mm, h, w_mm.T)
-        logits32 = logits.float()
-        del logits
+        block = buffer[: vocab * (end - start)].view(vocab, end - start)
+        _logits_columns(h, w_mm, b_mm, block)
         tgt = targets[start:end]
         valid = tgt != IGNORE_INDEX
         safe_tgt = torch.where(valid, tgt, torch.zeros_like(tgt))
-        lse = torch.logsumexp(logits32, dim=-1)
-        picked = logits32.gather(1, safe_tgt[:, None]).squeeze(1)
-        ce[start:end] = (lse - picked) * valid
+        ce_rows, col_sum = _softmax_columns(block, safe_tgt)
+        ce[start:end] = ce_rows * valid
         if not any(needs):
             continue
-        grad32 = _chunk_grad_logits(logits32, lse, safe_tgt, tw[start:end] * valid)
+        # w * dCE/dlogits = (w / sum) * (E - sum * onehot), with E = exp(logits - max).
+        coef = tw[start:end] * valid / col_sum
+        block.scatter_add_(0, safe_tgt[None, :], -col_sum[None, :])
         if grad_b is not None:
-            grad_b += grad32.sum(dim=0)
-        grad_mm = grad32.to(mm_dtype)
-        del grad32, logits32
+            grad_b.addmv_(block, coef)
+        g = block.to(mm_dtype)
         if grad_h is not None:
-            grad_h[start:end] = grad_mm @ w_mm
-        if grad_w is not None and mm_dtype == torch.float32:
-            grad_w.addmm_(grad_mm.T, h)
-        elif grad_w is not None:
-            grad_w += (grad_mm.T @ h).float()
+            grad_h[start:end] = (g.T @ w_mm) * coef[:, None]
+        if grad_w is not None:
+            scaled_h = (h.float() * coef[:, None]).to(mm_dtype)
+            if mm_dtype == torch.float32:
+                grad_w.addmm_(g, scaled_h)
+            else:
+                grad_w += (g @ scaled_h).float()
+        del g
     total = (tw * ce).sum()
     return total, ce, grad_h, grad_w, grad_b
 
@@ -364,6 +381,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for grad, dtype in zip(grads, ctx.dtypes, strict=True):
             if grad is None:
                 scaled.append(None)
+            elif grad.dtype == torch.float32:  # ours alone: scale in place, no [V, d] copy
+                scaled.append(grad.mul_(grad_total.float()).to(dtype))
             else:
                 scaled.append((grad.to(torch.float32) * grad_total.float()).to(dtype))
         return (*scaled, None, None, None, None, None)
