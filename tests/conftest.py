@@ -139,3 +139,40 @@ def fixture_model_dir(name: str, dest: Path) -> Path:
         tok = char_tokenizer(DREAM_SPECIALS, eos_token="<|endoftext|>", bos_token="<|beginoftext|>")
     tok.save_pretrained(dest)
     return dest
+
+
+PAIRS = [("hi", "hello"), ("sky?", "blue"), ("1+1?", "two"), ("cat?", "meow")]
+
+
+def run_pairs_job(tmp_path: Path, fixture: str, **overrides) -> dict:
+    """Train a fixture model on PAIRS through main.py's entry; return run_summary.json."""
+    from dllm_plugin.cli import main as cli_main
+
+    model = fixture_model_dir(fixture, tmp_path / fixture)
+    data = write_rows(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    config = {
+        "model_name": str(model),
+        "dataset_name": str(data),
+        "training_method": "auto",
+        "train_device": "cpu",
+        "dtype": "float32",
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "learning_rate_schedule": "constant",
+        "warmup_ratio": 0.0,
+        "train_steps": 60,
+        "max_length": 64,
+        "logging_steps": 5,
+        "eval_strategy": "no",
+        "save_steps": 0.5,
+        "save_total_limit": 1,
+        "log_to_wandb": False,
+        "num_preview_samples": 0,
+        "output_dir": str(tmp_path / "out"),
+        "adaptor_name": "pairs",
+        **overrides,
+    }
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"config": config}))
+    assert cli_main(["--input_file", str(job)]) == 0
+    return json.loads((tmp_path / "out" / "run_summary.json").read_text())

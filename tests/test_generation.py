@@ -2,54 +2,26 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import fixture_model_dir, write_rows
+from conftest import PAIRS, run_pairs_job
 
 from dllm_plugin import generate
-from dllm_plugin.cli import main as cli_main
-
-PAIRS = [("hi", "hello"), ("sky?", "blue"), ("1+1?", "two"), ("cat?", "meow")]
-
-
-def run_job(tmp_path, fixture: str, **overrides) -> dict:
-    model = fixture_model_dir(fixture, tmp_path / fixture)
-    data = write_rows(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
-    config = {
-        "model_name": str(model),
-        "dataset_name": str(data),
-        "training_method": "auto",
-        "train_device": "cpu",
-        "dtype": "float32",
-        "batch_size": 4,
-        "learning_rate": 3e-3,
-        "learning_rate_schedule": "constant",
-        "warmup_ratio": 0.0,
-        "train_steps": 250,
-        "max_length": 48,
-        "logging_steps": 50,
-        "eval_strategy": "no",
-        "save_steps": 1.0,
-        "save_total_limit": 1,
-        "log_to_wandb": False,
-        "eval_split_ratio": 0.0,
-        "num_preview_samples": 4,
-        "preview_max_new_tokens": 8,
-        "output_dir": str(tmp_path / "out"),
-        "adaptor_name": "pairs",
-        **overrides,
-    }
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"config": config}))
-    assert cli_main(["--input_file", str(job)]) == 0
-    return json.loads((tmp_path / "out" / "run_summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    return run_job(tmp_path_factory.mktemp("memorise"), "tiny-llada")
+    return run_pairs_job(
+        tmp_path_factory.mktemp("memorise"),
+        "tiny-llada",
+        train_steps=250,
+        max_length=48,
+        logging_steps=50,
+        save_steps=1.0,
+        eval_split_ratio=0.0,
+        num_preview_samples=4,
+        preview_max_new_tokens=8,
+    )
 
 
 def test_memorised_pairs_are_generated_exactly(memorised):
@@ -102,7 +74,7 @@ def test_merged_adaptor_equals_base_plus_adaptor(tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForMaskedLM
 
-    summary = run_job(
+    summary = run_pairs_job(
         tmp_path,
         "tiny-dream",
         lora=True,
