@@ -130,7 +130,9 @@ class MDLMTrainer(Trainer):
         self._eval_batches += 1
         return 1, 0, slot * self.args.per_device_eval_batch_size
 
-    def _draw_noise(self, maskable: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_noise(
+        self, maskable: torch.Tensor, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(t [b], masked [b, l]) from one generator per row, keyed by (seed, step, global row).
 
         Keying by row makes the noise independent of process count, gradient accumulation
@@ -247,7 +249,10 @@ class MDLMTrainer(Trainer):
             return (ce * token_scale).sum(), ce.detach()
         with swapped_head(model, head) as head_inputs:
             hidden = model(input_ids=noised).logits
-        if len(head_inputs) != 1 or head_inputs[0] is not hidden:
+        # DDP with find_unused_parameters returns a clone of the output: equal, not `is`.
+        if len(head_inputs) != 1 or not (
+            head_inputs[0] is hidden or torch.equal(head_inputs[0], hidden)
+        ):
             raise RuntimeError(
                 "score_masked_only: the model's output is not its head's input although the "
                 "first check passed; set score_masked_only to false"
@@ -270,10 +275,11 @@ class MDLMTrainer(Trainer):
 
         Structure: get_output_embeddings() must be a plain nn.Linear submodule whose weight
         is held whole here (FSDP and ZeRO-3 keep empty local shards; a 4-bit or LoRA head is
-        another type). Behaviour, checked once per head on a tiny forward: the model's
-        logits must equal head(head input), i.e. the head is the model's last operation and
-        runs once (no logit scaling or soft-capping, no sparse prediction). Otherwise the
-        full-logits path is used, with one log line.
+        another type), and DDP must not look for unused parameters. Behaviour, checked once
+        per (model, head) on a tiny forward: the model's logits must equal head(head input),
+        i.e. the head is the model's last operation and runs once (no logit scaling or
+        soft-capping, no sparse prediction). Otherwise the full-logits path is used, with
+        one log line.
         """
         unwrapped = self.accelerator.unwrap_model(model)
         getter = getattr(unwrapped, "get_output_embeddings", None)
@@ -308,21 +314,25 @@ class MDLMTrainer(Trainer):
                 return f"it is a {type(head).__name__}, not a plain nn.Linear"
             if self.is_fsdp_enabled or head.weight.numel() == 0:
                 return "its weight is sharded (FSDP / ZeRO-3)"
+            if getattr(model, "find_unused_parameters", False) and not getattr(
+                model, "static_graph", False
+            ):  # DDP would mark the head unused at forward, then see its gradient twice
+                return "DDP find_unused_parameters=True"
             if _parent_of(unwrapped, head) is None:
                 return "it is not a submodule of the model"
             return probe()
 
-        verdict = getattr(self, "_head_verdict", None)
-        if verdict is None or verdict[0] is not head:
-            verdict = (head, why_not())
+        verdict = getattr(self, "_head_verdict", None)  # (head, model, reason or None)
+        if verdict is None or verdict[0] is not head or verdict[1] is not model:
+            verdict = (head, model, why_not())
             self._head_verdict = verdict
-        if verdict[1] is None:
+        if verdict[2] is None:
             return head
         if not self._head_fallback_logged:
             logger.warning(
                 "score_masked_only: the output head cannot be run separately (%s); "
                 "scoring with full logits",
-                verdict[1],
+                verdict[2],
             )
             self._head_fallback_logged = True
         return None

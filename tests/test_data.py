@@ -59,18 +59,27 @@ def test_template_sandbox_blocks_attribute_escape():
 @pytest.mark.parametrize(
     ("row", "expected"),
     [
-        ({"instruction": "Add.", "input": "1 + 2", "output": "3"}, user_answer("Add.\n\n1 + 2", "3")),
+        (
+            {"instruction": "Add.", "input": "1 + 2", "output": "3"},
+            user_answer("Add.\n\n1 + 2", "3"),
+        ),
         ({"instruction": "Say hi.", "input": "", "output": "hi"}, user_answer("Say hi.", "hi")),
         ({"instruction": "Say hi.", "output": "hi"}, user_answer("Say hi.", "hi")),
         ({"prompt": "p", "completion": "c"}, user_answer("p", "c")),
         ({"prompt": "p", "response": "r"}, user_answer("p", "r")),
         ({"question": "q", "answer": "a"}, user_answer("q", "a")),
-        ({"text": "Hello there\n\nGeneral Kenobi\n\nyes"}, user_answer("Hello there", "General Kenobi\n\nyes")),
+        (
+            {"text": "Hello there\n\nGeneral Kenobi\n\nyes"},
+            user_answer("Hello there", "General Kenobi\n\nyes"),
+        ),
         (
             {"messages": [{"role": "system", "content": "s"}, *user_answer("u", "a")]},
             [{"role": "system", "content": "s"}, *user_answer("u", "a")],
         ),
-        ({"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]}, user_answer("u", "a")),
+        (
+            {"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]},
+            user_answer("u", "a"),
+        ),
     ],
 )
 def test_column_inference(row, expected):
@@ -78,17 +87,25 @@ def test_column_inference(row, expected):
 
 
 def test_instruction_template_is_added_to_inferred_rows():
-    msgs = row_to_messages({"prompt": "p", "completion": "c"}, 0, RowTemplates(instruction_template="sys"))
+    msgs = row_to_messages(
+        {"prompt": "p", "completion": "c"}, 0, RowTemplates(instruction_template="sys")
+    )
     assert msgs[0] == {"role": "system", "content": "sys"}
 
 
 @pytest.mark.parametrize(
     ("row", "fragment"),
     [
-        ({"foo": "x", "bar": "y"}, "row 3: cannot tell prompt from answer; its columns are bar, foo"),
+        (
+            {"foo": "x", "bar": "y"},
+            "row 3: cannot tell prompt from answer; its columns are bar, foo",
+        ),
         ({"text": "no blank line here"}, "row 3: column 'text' has no blank line"),
         ({"prompt": ["a"], "completion": "c"}, "row 3: column 'prompt' must be text, got list"),
-        ({"messages": [{"role": "user", "content": "u"}]}, "row 3: the last message in 'messages' must be from the assistant"),
+        (
+            {"messages": [{"role": "user", "content": "u"}]},
+            "row 3: the last message in 'messages' must be from the assistant",
+        ),
         ({"messages": []}, "row 3: column 'messages' must be a non-empty list"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "row 3: messages[0] needs a role"),
     ],
@@ -105,7 +122,10 @@ def test_prompt_masking_on_real_chat_template(minilm_tokenizer):
     msgs = user_answer("What is the capital of France?", "Paris.")
     feats = tokenize_messages(msgs, tok, TokenizeOptions(128, "right", True))
     ids, labels, plen = feats["input_ids"], feats["labels"], feats["prompt_len"]
-    assert tok.decode(ids) == "[CLS] user : what is the capital of france? [SEP] assistant : paris. [SEP]"
+    assert (
+        tok.decode(ids)
+        == "[CLS] user : what is the capital of france? [SEP] assistant : paris. [SEP]"
+    )
     assert tok.decode(ids[:plen]) == "[CLS] user : what is the capital of france? [SEP] assistant :"
     assert labels[:plen] == [IGNORE_INDEX] * plen
     assert labels[plen:] == ids[plen:]
@@ -132,24 +152,35 @@ def test_truncation_filter_drops_long_examples(minilm_tokenizer):
     msgs = user_answer("q", "one two three four")
     n = len(tokenize_messages(msgs, tok, TokenizeOptions(128, "filter", True))["input_ids"])
     assert tokenize_messages(msgs, tok, TokenizeOptions(n, "filter", True))["drop"] == ""
-    assert "longer than max_length" in tokenize_messages(msgs, tok, TokenizeOptions(n - 1, "filter", True))["drop"]
+    assert (
+        "longer than max_length"
+        in tokenize_messages(msgs, tok, TokenizeOptions(n - 1, "filter", True))["drop"]
+    )
 
 
 def test_build_dataset_reports_drops_and_empty_is_an_error(minilm_tokenizer, caplog):
     rows = datasets.Dataset.from_list(
         [{"prompt": "hi", "completion": "hello"}, {"prompt": "a " * 80, "completion": "x"}]
     )
-    built = build_sft_dataset(rows, minilm_tokenizer, RowTemplates(), TokenizeOptions(32, "filter", True), 1)
+    built = build_sft_dataset(
+        rows, minilm_tokenizer, RowTemplates(), TokenizeOptions(32, "filter", True), 1
+    )
     assert len(built) == 1 and set(built.column_names) == {"input_ids", "labels", "prompt_len"}
     assert "dropped 1 of 2 rows: 1 longer than max_length 32 (truncation=filter)" in caplog.text
     with pytest.raises(DataError, match="no train rows left after truncation: all 2 were dropped"):
-        build_sft_dataset(rows, minilm_tokenizer, RowTemplates(), TokenizeOptions(4, "filter", True), 1)
+        build_sft_dataset(
+            rows, minilm_tokenizer, RowTemplates(), TokenizeOptions(4, "filter", True), 1
+        )
 
 
 def test_build_dataset_bad_row_fails_with_its_index(minilm_tokenizer):
-    rows = datasets.Dataset.from_list([{"prompt": "p", "completion": "c"}, {"prompt": None, "completion": "c"}])
+    rows = datasets.Dataset.from_list(
+        [{"prompt": "p", "completion": "c"}, {"prompt": None, "completion": "c"}]
+    )
     with pytest.raises(DataError, match="row 1: cannot tell prompt from answer"):
-        build_sft_dataset(rows, minilm_tokenizer, RowTemplates(), TokenizeOptions(32, "right", True), 1)
+        build_sft_dataset(
+            rows, minilm_tokenizer, RowTemplates(), TokenizeOptions(32, "right", True), 1
+        )
 
 
 # ---- loading and splits ----------------------------------------------------------------
@@ -200,7 +231,10 @@ def test_eval_split_ratio_and_small_datasets():
     [
         (lambda p: p / "missing.jsonl", "does not exist"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "holds no"),
-        (lambda p: (p / "bad.jsonl").write_text("{not json\n") and p / "bad.jsonl", "cannot read dataset file"),
+        (
+            lambda p: (p / "bad.jsonl").write_text("{not json\n") and p / "bad.jsonl",
+            "cannot read dataset file",
+        ),
     ],
 )
 def test_load_errors_name_the_path(tmp_path, setup, fragment):

@@ -19,8 +19,14 @@ EPS = 1e-3
 def tiny_bert(seed: int = 0) -> BertForMaskedLM:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=V,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForMaskedLM(config)
 
@@ -38,7 +44,14 @@ def toy_batch(seed: int = 1) -> dict[str, torch.Tensor]:
 
 def make_trainer(cls, tmp_path, model, **cfg):
     config_cls = DreamConfig if cls is DreamTrainer else MDLMConfig
-    args = config_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=3, seed=5, **cfg)
+    args = config_cls(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=3,
+        seed=5,
+        **cfg,
+    )
     return cls(model=model, args=args, mask_token_id=MASK, bos_token_id=BOS)
 
 
@@ -98,13 +111,23 @@ def brute_force_mdlm(model, batch, t, masked, schedule, weighting, norm, shift=F
 @pytest.mark.parametrize("masked_only", [True, False])
 @pytest.mark.parametrize(
     ("schedule", "weighting", "norm"),
-    [("linear", "scheduler", "token"), ("cosine", "scheduler", "sequence"), ("linear", "uniform", "batch"), ("cosine", "uniform", "token")],
+    [
+        ("linear", "scheduler", "token"),
+        ("cosine", "scheduler", "sequence"),
+        ("linear", "uniform", "batch"),
+        ("cosine", "uniform", "token"),
+    ],
 )
 def test_mdlm_loss_equals_brute_force(tmp_path, schedule, weighting, norm, masked_only):
     model = tiny_bert()
     trainer = make_trainer(
-        MDLMTrainer, tmp_path, model, noise_schedule=schedule, loss_weight_type=weighting,
-        loss_norm_type=norm, score_masked_only=masked_only,
+        MDLMTrainer,
+        tmp_path,
+        model,
+        noise_schedule=schedule,
+        loss_weight_type=weighting,
+        loss_norm_type=norm,
+        score_masked_only=masked_only,
     )
     batch = toy_batch()
     model.eval()  # no dropout anyway; eval keeps the reference forward identical
@@ -124,7 +147,17 @@ def test_dream_loss_shifted_with_bos_and_cart_equals_brute_force(tmp_path):
     ids, labels = trainer.prepare_inputs(batch["input_ids"], batch["labels"])
     loss = trainer.compute_loss(model, batch)
     t, masked = reference_noise(5, labels, "linear")
-    expected = brute_force_mdlm(model, {"input_ids": ids, "labels": labels}, t, masked, "linear", "cart", "token", shift=True, cart_p=0.3)
+    expected = brute_force_mdlm(
+        model,
+        {"input_ids": ids, "labels": labels},
+        t,
+        masked,
+        "linear",
+        "cart",
+        "token",
+        shift=True,
+        cart_p=0.3,
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -164,7 +197,9 @@ class GradRecorder(TrainerCallback):
         self.grads = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        self.grads.append(
+            {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
 
 
 def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str):
@@ -179,13 +214,27 @@ def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str):
         rows.append({"input_ids": ids, "labels": [-100] * plen + ids[plen:], "prompt_len": plen})
     recorder = GradRecorder()
     args = MDLMConfig(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", seed=11, loss_norm_type=norm, disable_tqdm=True, lr_scheduler_type="constant",
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        seed=11,
+        loss_norm_type=norm,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
     )
     trainer = MDLMTrainer(
-        model=tiny_bert(7), args=args, train_dataset=datasets.Dataset.from_list(rows),
-        data_collator=MDLMCollator(pad_token_id=PAD), mask_token_id=MASK, callbacks=[recorder],
+        model=tiny_bert(7),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=MDLMCollator(pad_token_id=PAD),
+        mask_token_id=MASK,
+        callbacks=[recorder],
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

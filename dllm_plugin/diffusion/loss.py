@@ -321,7 +321,9 @@ def _chunked_ce(
     tw = token_weights.to(device=device, dtype=torch.float32)
     ce = torch.zeros(n, dtype=torch.float32, device=device)
     grad_h = torch.empty_like(hidden) if needs[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs[1] else None
+    # Empty when the first chunk will overwrite it: no zero-fill pass over [V, d].
+    new_grad_w = torch.empty if n > 0 else torch.zeros
+    grad_w = new_grad_w(weight.shape, dtype=torch.float32, device=device) if needs[1] else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if needs[2] else None
     buffer = torch.empty(vocab * min(chunk_size, n), dtype=torch.float32, device=device)
     for start in range(0, n, chunk_size):
@@ -346,8 +348,12 @@ def _chunked_ce(
             grad_h[start:end] = (g.T @ w_mm) * coef[:, None]
         if grad_w is not None:
             scaled_h = (h.float() * coef[:, None]).to(mm_dtype)
-            if mm_dtype == torch.float32:
+            if mm_dtype == torch.float32 and start == 0:
+                torch.mm(g, scaled_h, out=grad_w)
+            elif mm_dtype == torch.float32:
                 grad_w.addmm_(g, scaled_h)
+            elif start == 0:
+                grad_w.copy_(g @ scaled_h)
             else:
                 grad_w += (g @ scaled_h).float()
         del g
