@@ -34,6 +34,7 @@ from .llada import (
     prepare_attention_mask,
     rms_normalize,
     rope_cos_sin,
+    run_blocks,
     split_heads,
 )
 
@@ -238,15 +239,9 @@ class DreamBaseModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self._rope(x, position_ids)
         mask = prepare_attention_mask(attention_mask, mask_pad_queries=True)
-        states: list[torch.Tensor] = []
-        for layer in self.layers:
-            if output_hidden_states:
-                states.append(x)
-            x = layer(x, cos=cos, sin=sin, mask=mask)
-        x = self.norm(x)
-        if output_hidden_states:
-            states.append(x)
-        return x, (tuple(states) if output_hidden_states else None)
+        return run_blocks(
+            self.layers, self.norm, x, output_hidden_states, cos=cos, sin=sin, mask=mask
+        )
 
 
 class DreamModel(PreTrainedModel):

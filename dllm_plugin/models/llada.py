@@ -273,6 +273,25 @@ def _from_full_mask(keep: torch.Tensor) -> AttentionMask:
     return AttentionMask(keys=keep | ~row_open, queries=row_open)
 
 
+def run_blocks(
+    blocks: nn.ModuleList,
+    final_norm: nn.Module,
+    x: torch.Tensor,
+    output_hidden_states: bool | None,
+    **block_kwargs: Any,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """The block stack and final norm; hidden states are each block's input plus the output."""
+    states: list[torch.Tensor] = []
+    for block in blocks:
+        if output_hidden_states:
+            states.append(x)
+        x = block(x, **block_kwargs)
+    x = final_norm(x)
+    if output_hidden_states:
+        states.append(x)
+    return x, (tuple(states) if output_hidden_states else None)
+
+
 def prepare_attention_mask(
     attention_mask: torch.Tensor | None, mask_pad_queries: bool
 ) -> AttentionMask | None:
@@ -459,15 +478,7 @@ class LLaDAModel(nn.Module):
         positions = as_positions(position_ids, x)
         cos, sin = rope_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta)
         mask = prepare_attention_mask(attention_mask, mask_pad_queries=False)
-        states: list[torch.Tensor] = []
-        for block in tr.blocks:
-            if output_hidden_states:
-                states.append(x)
-            x = block(x, cos=cos, sin=sin, mask=mask)
-        x = tr.ln_f(x)
-        if output_hidden_states:
-            states.append(x)
-        return x, (tuple(states) if output_hidden_states else None)
+        return run_blocks(tr.blocks, tr.ln_f, x, output_hidden_states, cos=cos, sin=sin, mask=mask)
 
 
 class LLaDAModelLM(PreTrainedModel):
