@@ -176,3 +176,20 @@ def run_pairs_job(tmp_path: Path, fixture: str, **overrides) -> dict:
     job.write_text(json.dumps({"config": config}))
     assert cli_main(["--input_file", str(job)]) == 0
     return json.loads((tmp_path / "out" / "run_summary.json").read_text())
+
+
+def tiny_bert_mlm(vocab_size: int):
+    """A one-layer, dropout-free BertForMaskedLM (seed the RNG first for fixed weights)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForMaskedLM(config)

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_fixture
+from conftest import shared_fixture, tiny_bert_mlm
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import (
-    BertConfig,
-    BertForMaskedLM,
     DistilBertConfig,
     DistilBertForMaskedLM,
     ModernBertConfig,
@@ -110,17 +108,7 @@ def assert_same(opt: Result, full: Result, rtol: float, atol: float) -> None:
 
 
 def _bert() -> nn.Module:
-    cfg = BertConfig(
-        vocab_size=V,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForMaskedLM(cfg)
+    return tiny_bert_mlm(V)
 
 
 def _roberta() -> nn.Module:

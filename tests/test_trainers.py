@@ -7,7 +7,8 @@ import math
 import datasets
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, TrainerCallback
+from conftest import tiny_bert_mlm
+from transformers import BertForMaskedLM, TrainerCallback
 
 from dllm_plugin.data.collators import MDLMCollator
 from dllm_plugin.trainers import DreamConfig, DreamTrainer, MDLMConfig, MDLMTrainer, keyed_generator
@@ -18,17 +19,7 @@ EPS = 1e-3
 
 def tiny_bert(seed: int = 0) -> BertForMaskedLM:
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=V,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForMaskedLM(config)
+    return tiny_bert_mlm(V)
 
 
 def toy_batch(seed: int = 1) -> dict[str, torch.Tensor]:
