@@ -231,6 +231,8 @@ def cross_field_problems(params: Mapping[str, Any], host: Mapping[str, Any]) -> 
         problems.append(
             "load_in_4bit: true needs lora: true (full fine-tuning of a 4-bit model is not possible)"
         )
+    if params.get("merge_adaptor") is True and params.get("lora") is False:
+        problems.append("merge_adaptor: true needs lora: true (there is no adaptor to merge)")
     if params.get("dtype") == "float16" and params.get("train_device") == "cpu":
         problems.append(
             "dtype: 'float16' needs train_device 'cuda' (CPU has no fp16 mixed precision); use 'bfloat16' or 'float32'"

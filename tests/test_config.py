@@ -187,6 +187,7 @@ def test_every_violation_reported_at_once():
     ("raw", "fragment"),
     [
         ({"load_in_4bit": True}, "load_in_4bit: true needs lora: true"),
+        ({"merge_adaptor": True}, "merge_adaptor: true needs lora: true"),
         ({"dtype": "float16", "train_device": "cpu"}, "dtype: 'float16' needs train_device 'cuda'"),
         ({"gpu_ids": "0;1"}, "gpu_ids: '0;1' is not allowed"),
         ({"num_machines": 2}, "main_process_ip: must be set when num_machines > 1"),
