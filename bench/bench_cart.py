@@ -69,7 +69,7 @@ def run_case(impl: str, b: int, length: int, reps: int, device: str, threads: in
         torch.set_num_threads(threads)
 
     sys.path.insert(0, str(ROOT))
-    from dllm_plugin.diffusion import cart_weights
+    from dllm_plugin.diffusion.cart import cart_weights
 
     fn = cart_weights if impl == "linear" else dense_cart
     cuda = device.startswith("cuda")

@@ -162,12 +162,10 @@ def synthetic_batch(w: Workload) -> dict[str, Any]:
 
 def build_trainer(w: Workload, model: Any, mode: str, device: str, dtype: str, out: str) -> Any:
     """Our MDLMTrainer / DreamTrainer with minimal arguments; `mode` sets score_masked_only."""
-    from dllm_plugin.trainers import DreamConfig, DreamTrainer, MDLMConfig, MDLMTrainer
+    from dllm_plugin.trainers import DreamTrainer, MDLMTrainer
 
-    config_cls, trainer_cls = (
-        (DreamConfig, DreamTrainer) if w.family == "dream" else (MDLMConfig, MDLMTrainer)
-    )
-    args = config_cls(
+    trainer_cls = DreamTrainer if w.family == "dream" else MDLMTrainer
+    args = trainer_cls.arguments_class(
         output_dir=out,
         report_to=[],
         use_cpu=device == "cpu",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +13,8 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .host import Host
+from . import signals
+from .hosts import Host
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +36,8 @@ class StopSignals:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Turn SIGTERM/SIGINT into a graceful stop while training; restore after."""
-        handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not in the main thread: no handlers
-                handlers[sig] = signal.signal(
-                    sig, lambda s, f: self.request(signal.Signals(s).name)
-                )
-        try:
+        with signals.handling(lambda signum, _frame: self.request(signals.name(signum))):
             yield
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
 
 
 def any_rank(flag: bool) -> bool:

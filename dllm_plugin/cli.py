@@ -1,22 +1,28 @@
 """Command-line entry: `python main.py --input_file job.json` (or no file: the demo).
 
-Exit status 0 only for a finished (or cleanly stopped) run; any failure prints its
-reason as the last log line, tells the host, and exits non-zero.
+Exit status 0 only for a finished (or cleanly stopped) run; any failure tells the host,
+prints its reason as the last line, and exits 1. This is the one place that reports
+errors: a `UserError` (config, data, template, model, missing package or file) is that
+one line; anything else also prints its traceback first.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import ConfigError, build_job_config, read_input_file
+from . import signals
+from .config import build_job_config, read_input_file
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .hosts import Host
 
 logger = logging.getLogger("dllm_plugin")
 DEMO_JOB = Path(__file__).resolve().parent / "demo" / "job.json"
@@ -50,14 +56,21 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one job; the exit status to return to the shell or the host."""
-    with interrupt_on_sigterm():
+    with signals.handling(_interrupt, (signal.SIGTERM,)):
         return run_cli(argv)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    """Outside training, SIGTERM fails the job like Ctrl-C instead of killing the process
+    silently (the plugin host would then show the killed job as COMPLETE). During
+    training StopSignals turns it into a checkpoint-and-stop instead."""
+    raise KeyboardInterrupt(signals.name(signum))
 
 
 def run_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from .host import detect_host
+    from .hosts import detect_host
 
     host = detect_host()
     input_file = Path(args.input_file) if args.input_file else DEMO_JOB
@@ -80,13 +93,13 @@ def run_cli(argv: list[str] | None = None) -> int:
         from .run import run_job
 
         summary = run_job(cfg, host)
+    except UserError as e:  # the user can fix it: one line, no traceback
+        return _failed(host, str(e))
     except KeyboardInterrupt as e:
         return _failed(
             host, f"interrupted ({str(e) or 'KeyboardInterrupt'}) before the job finished"
         )
-    except ConfigError as e:
-        return _failed(host, str(e))
-    except Exception as e:  # every failure must reach the host and the exit status
+    except Exception as e:  # a bug or the environment: keep the traceback for the log
         traceback.print_exc()
         return _failed(host, f"{type(e).__name__}: {e}")
     if summary["status"] == "stopped":
@@ -101,35 +114,19 @@ def run_cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def interrupt_on_sigterm() -> Iterator[None]:
-    """While the job runs, SIGTERM fails it like Ctrl-C instead of killing the process
-    silently (the host would then show the killed job as COMPLETE). During training
-    StopSignals turns it into a checkpoint-and-stop instead."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread (embedded use): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _failed(host, reason: str) -> int:
+def _failed(host: Host, reason: str) -> int:
+    """Tell the launcher (in a launched child) and the host; the reason is the last line
+    of stdout and of stderr."""
     from .launch import record_failure
 
-    record_failure(reason)  # a launched child leaves its reason for the launcher
+    line = f"FAILED: {one_line(reason)}"
+    record_failure(reason)
     try:
         host.fail(reason)
     finally:
-        logger.error("job failed: %s", reason)
-        print(f"FAILED: {one_line(reason)}", flush=True)
+        sys.stdout.flush()
+        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)
     return 1
 
 

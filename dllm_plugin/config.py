@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -20,12 +19,15 @@ from typing import Any
 
 import jsonschema
 
+from .errors import ConfigError
+from .methods import AUTO, METHODS, check_method_options
+
 logger = logging.getLogger(__name__)
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 MANIFEST_PATH = PLUGIN_DIR / "index.json"
 
-# Fields the host adds beside the form's parameters (see host-contract.md).
+# Fields the host adds beside the form's parameters (docs/architecture.md, "Hosts").
 HOST_FIELDS: dict[str, dict[str, Any]] = {
     "model_name": {"type": "string", "minLength": 1},
     "model_architecture": {"type": "string"},
@@ -43,14 +45,6 @@ HOST_FIELDS: dict[str, dict[str, Any]] = {
 STANDALONE_OUTPUT_DIR = "./output"
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
 _FALSE = {"false", "0", "no", "off", "n", "f"}
-
-
-class ConfigError(ValueError):
-    """A job configuration that cannot run; the message lists every problem found."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid job configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @cache
@@ -81,6 +75,7 @@ class JobConfig:
     host: dict[str, Any] = field(default_factory=dict)
     experiment: dict[str, Any] | None = None
     source_dir: Path | None = None
+    given: frozenset[str] = frozenset()  # the parameter names the job set itself
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: expose params and host fields.
@@ -96,32 +91,55 @@ class JobConfig:
 
 
 def read_input_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(config, experiment) from a host file `{"experiment", "config"}` or a flat config."""
+    """(config, experiment) from a job file `{"config": {...}, "experiment": {...}}`.
+
+    The host writes this shape; a stand-alone job file uses it too. Anything else is
+    refused with the reason, rather than guessed at (a flat file of parameters used to be
+    read as a config, so a job file without `config` ran on defaults).
+    """
     path = Path(path)
+    name = repr(str(path))
     if not path.is_file():
-        raise ConfigError([f"input file {str(path)!r} does not exist or is not a file"])
+        raise ConfigError(f"input file {name} does not exist or is not a file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"input file {name} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})"
+        ) from None
     except json.JSONDecodeError as e:
-        raise ConfigError([f"input file {str(path)!r} is not valid JSON: {e}"]) from None
+        raise ConfigError(f"input file {name} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"input file {name} is nested too deeply to be a job file") from None
     if not isinstance(data, dict):
         raise ConfigError(
-            [f"input file {str(path)!r} must hold a JSON object, got {type(data).__name__}"]
+            f'input file {name} must hold a JSON object {{"config": {{...}}}}, '
+            f"got {type(data).__name__}"
         )
-    if "config" in data:
-        config = data["config"]
-        if isinstance(config, str):  # some host versions store the config as a JSON string
-            try:
-                config = json.loads(config)
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    [f"'config' in {str(path)!r} is a string but not JSON: {e}"]
-                ) from None
-        if not isinstance(config, dict):
-            raise ConfigError([f"'config' in {str(path)!r} must be an object"])
-        experiment = data.get("experiment")
-        return config, experiment if isinstance(experiment, dict) else None
-    return data, None
+    if "config" not in data:
+        known = sorted(k for k in data if k in parameter_schemas() or k in HOST_FIELDS)
+        hint = (
+            f" (it looks like a bare config: put {', '.join(known[:3])}... inside it)"
+            if known
+            else ""
+        )
+        raise ConfigError(
+            f'input file {name} has no "config" object: expected {{"config": {{...}}}}{hint}'
+        )
+    config = data["config"]
+    if isinstance(config, str):  # some host versions store the config as a JSON string
+        try:
+            config = json.loads(config)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(
+                f"'config' in input file {name} is a string but not JSON: {e}"
+            ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"'config' in input file {name} must be an object, got {type(config).__name__}"
+        )
+    experiment = data.get("experiment")
+    return config, experiment if isinstance(experiment, dict) else None
 
 
 def coerce(value: Any, schema: Mapping[str, Any]) -> Any:
@@ -216,12 +234,18 @@ def build_job_config(
 
     schema = {"type": "object", "properties": {**schemas, **HOST_FIELDS}}
     validator = jsonschema.Draft7Validator(schema)
-    problems = [_describe(e) for e in sorted(validator.iter_errors({**host, **params}), key=str)]
-    problems += cross_field_problems(params, host)
+    errors = sorted(validator.iter_errors({**host, **params}), key=str)
+    problems = [_describe(e) for e in errors]
+    invalid = {str(e.path[0]) for e in errors if e.path}
+    valid = {k: v for k, v in params.items() if k not in invalid}  # each problem once
+    problems += cross_field_problems(valid, host)
     if problems:
         raise ConfigError(problems)
     host.setdefault("output_dir", STANDALONE_OUTPUT_DIR)
-    return JobConfig(params=params, host=host, experiment=experiment, source_dir=source_dir)
+    cfg = JobConfig(params, host, experiment, source_dir, frozenset(k for k in raw if k in schemas))
+    if cfg.training_method != AUTO:  # with auto the model decides (checked before loading it)
+        check_method_options(METHODS[cfg.training_method], cfg)
+    return cfg
 
 
 def cross_field_problems(params: Mapping[str, Any], host: Mapping[str, Any]) -> list[str]:
@@ -237,11 +261,10 @@ def cross_field_problems(params: Mapping[str, Any], host: Mapping[str, Any]) -> 
         problems.append(
             "dtype: 'float16' needs train_device 'cuda' (CPU has no fp16 mixed precision); use 'bfloat16' or 'float32'"
         )
-    gpu_ids = str(params.get("gpu_ids", "auto")).strip()
-    if gpu_ids != "auto" and not re.fullmatch(r"\d+(\s*,\s*\d+)*", gpu_ids):
-        problems.append(
-            f"gpu_ids: {gpu_ids!r} is not allowed: must be 'auto' or a comma-separated list of GPU indices such as '0,2'"
-        )
+    try:
+        parse_gpu_ids(params.get("gpu_ids", "auto"))
+    except ConfigError as e:
+        problems += e.problems
     if isinstance(params.get("num_machines"), int) and params["num_machines"] > 1:
         if not str(params.get("main_process_ip", "")).strip():
             problems.append("main_process_ip: must be set when num_machines > 1")
@@ -252,11 +275,13 @@ def cross_field_problems(params: Mapping[str, Any], host: Mapping[str, Any]) -> 
             problems.append(
                 f"machine_rank: {params['machine_rank']!r} is not allowed: must be < num_machines ({params['num_machines']})"
             )
-    geo = re.fullmatch(r"cart\[geo_p:([0-9.]+)\]", str(params.get("loss_weight_type", "")))
-    if geo and not 0 < float(geo.group(1)) < 1:
-        problems.append(
-            f"loss_weight_type: {params['loss_weight_type']!r} is not allowed: geo_p must be between 0 and 1 (exclusive)"
-        )
+    if isinstance(params.get("loss_weight_type"), str):
+        from .diffusion.loss import parse_loss_weight_type
+
+        try:
+            parse_loss_weight_type(params["loss_weight_type"])
+        except ValueError as e:
+            problems.append(str(e))
     resume = str(params.get("resume_from_checkpoint", "off")).strip()
     if resume not in ("off", "auto", "") and not Path(resume).expanduser().is_dir():
         problems.append(
@@ -277,3 +302,36 @@ def resolve_path(value: str, source_dir: Path | None) -> Path:
     if not path.is_absolute() and source_dir is not None and (source_dir / path).exists():
         return source_dir / path
     return path
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a folder: absolute, relative with ./ or ../, ~, or more than one '/'
+    (a hub id is 'org/name')."""
+    text = str(name)
+    return (
+        text.startswith(("/", "./", "../", "~", ".\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or text in (".", "..")
+    )
+
+
+def parse_gpu_ids(value: Any) -> tuple[str, ...] | None:
+    """'auto' -> None (all visible GPUs); '0, 2' -> ('0', '2'). Anything else is an error."""
+    text = str(value).strip()
+    if text in ("", "auto"):
+        return None
+    ids = tuple(part.strip() for part in text.split(","))
+    if not all(part.isdigit() for part in ids):
+        raise ConfigError(
+            f"gpu_ids: {text!r} is not allowed: must be 'auto' or a comma-separated list of "
+            "GPU indices such as '0,2'"
+        )
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"gpu_ids: {text!r} lists a GPU twice")
+    return ids
+
+
+def gradient_clip_norm(cfg: JobConfig) -> float:
+    """The clipping threshold: `max_grad_norm` 0 means no clipping (a bound never reached)."""
+    return float(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else 1e9

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .methods import Method, default_method
 from .models.families import (
     TokenIds,
     detect_family,
@@ -60,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_for_generation(
     model_name: str, adaptor: str | None, device: str
-) -> tuple[Any, Any, TokenIds, str]:
-    """(model, tokenizer, special ids, family) ready to sample."""
+) -> tuple[Any, Any, TokenIds, Method]:
+    """(model, tokenizer, special ids, the family's method) ready to sample."""
     from transformers import AutoModelForMaskedLM
 
     from . import models  # noqa: F401  (native LLaDA/Dream classes)
@@ -80,14 +81,14 @@ def load_for_generation(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adaptor)
-    return model.to(device).eval(), tokenizer, ids, family
+    return model.to(device).eval(), tokenizer, ids, default_method(family)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model, tokenizer, ids, family = load_for_generation(args.model, args.adaptor, args.device)
-        algorithm = args.algorithm or ("maskgit_plus" if family == "dream" else "low_confidence")
+        model, tokenizer, ids, method = load_for_generation(args.model, args.adaptor, args.device)
+        algorithm = args.algorithm or "low_confidence"  # Dream reads it as maskgit_plus
         config = SamplingConfig(
             max_new_tokens=args.max_new_tokens,
             steps=args.steps or args.max_new_tokens,
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
         ]
-        print(answer(model, tokenizer, ids, family, messages, config))
+        print(answer(model, tokenizer, ids, method, messages, config))
     except Exception as e:  # one clear line, non-zero exit
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -1,22 +1,20 @@
 """Write trained models where the host finds them, atomically.
 
 A model folder is written to a hidden temporary sibling and renamed into place when
-complete, so a crash leaves either the old folder or the new one, never a mix.
+complete (atomic.py), so a crash leaves either the old folder or the new one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import json
 import logging
 import os
 import re
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_folder, write_json
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -34,44 +32,14 @@ def model_short_name(model_name: str) -> str:
     return safe_name(Path(str(model_name).rstrip("/")).name or str(model_name), "model_name")
 
 
-@contextlib.contextmanager
-def atomic_folder(dest: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `dest` in one rename."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    recover_folder(dest)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def make_output_dir(path: Path) -> None:
+    """Create output_dir, or fail naming the field (the Trainer would fail later, obscurely)."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dest, old)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:  # put the old folder back rather than leave none
-        if old is not None:
-            os.replace(old, dest)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_folder(dest: Path) -> None:
-    """Tidy up after a process that was killed inside atomic_folder: put back the old
-    folder if it was killed between the two renames, and delete half-written temporaries."""
-    dest, name = Path(dest), glob.escape(Path(dest).name)
-    olds = sorted(dest.parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds and not dest.exists():
-        logger.warning("restoring %s from %s (a save was interrupted)", dest, olds[-1].name)
-        os.replace(olds.pop(), dest)
-    for leftover in [*olds, *dest.parent.glob(f".{name}.tmp-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot create {str(path)!r}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {str(path)!r} is not writable")
 
 
 def save_model_folder(dest: Path, write: Callable[[Path], None]) -> Path:
@@ -100,15 +68,6 @@ def host_model_record(name: str, architecture: str, description: str) -> dict[st
             "huggingface_repo": "",
         },
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def adaptor_dir(cfg: Any) -> Path:
@@ -148,9 +107,7 @@ def planned_output(cfg: Any, models_dir: Path | None) -> Path:
     try:
         return adaptor_dir(cfg) if cfg.lora else full_model_dir(cfg, models_dir)
     except ValueError as e:
-        from .config import ConfigError
-
-        raise ConfigError([str(e)]) from None
+        raise ConfigError(str(e)) from None
 
 
 def _architecture(model: Any) -> str:
@@ -187,14 +144,14 @@ def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]
         return result
     dest = full_model_dir(cfg, models_dir)
     architecture = _architecture(model)
-    record = _record(dest.name, architecture, cfg) if models_dir is not None else None
+    record = _host_record(dest.name, architecture, cfg) if models_dir is not None else None
     _save_full(model, prep.tokenizer, dest, record)
     if record is not None:
         host.register_model(dest, dest.name, architecture)
     return {"output_path": str(dest), "output_kind": "full_model"}
 
 
-def _record(name: str, architecture: str, cfg: Any) -> dict[str, Any]:
+def _host_record(name: str, architecture: str, cfg: Any) -> dict[str, Any]:
     return host_model_record(
         name,
         architecture,
@@ -212,7 +169,7 @@ def save_merged(cfg: Any, prep: Any, adaptor: Path, host: Any, models_dir: Path 
     merged = PeftModel.from_pretrained(base, str(adaptor)).merge_and_unload()
     dest = full_model_dir(cfg, models_dir, suffix="_merged")
     architecture = _architecture(merged)
-    record = _record(dest.name, architecture, cfg) if models_dir is not None else None
+    record = _host_record(dest.name, architecture, cfg) if models_dir is not None else None
     _save_full(merged, prep.tokenizer, dest, record)
     if record is not None:
         host.register_model(dest, dest.name, architecture)

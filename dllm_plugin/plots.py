@@ -7,10 +7,10 @@ Agg backend draws without a display (servers, the host's job processes).
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Any
+
+from .atomic import write_file
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,6 @@ def _draw(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    write_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     logger.info("loss curves: %s", path)
     return path

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .methods import Method
 from .models.families import TokenIds
-from .sampling import SamplingConfig, generate_dream, generate_mdlm
+from .sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def answer(
     model: Any,
     tokenizer: Any,
     ids: TokenIds,
-    method: str,
+    method: Method,
     messages: list[dict[str, str]],
     config: SamplingConfig,
 ) -> str:
@@ -58,8 +59,7 @@ def answer(
     prompt_ids = list(
         prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
     )
-    sampler = generate_dream if method == "dream" else generate_mdlm
-    tokens = sampler(
+    tokens = method.sampler_function()(
         model,
         [prompt_ids],
         mask_id=ids.mask_id,
@@ -74,7 +74,7 @@ def generate_previews(
     model: Any,
     tokenizer: Any,
     ids: TokenIds,
-    method: str,
+    method: Method,
     prompts: Sequence[PreviewPrompt],
     max_new_tokens: int,
 ) -> list[str]:
@@ -128,7 +128,7 @@ class PreviewCallback(TrainerCallback):
         self,
         tokenizer: Any,
         ids: TokenIds,
-        method: str,
+        method: Method,
         prompts: list[PreviewPrompt],
         max_new_tokens: int,
         host: Any,

@@ -10,28 +10,24 @@ from typing import Any
 
 import torch
 
+from .atomic import write_json
 from .callbacks import HostCallback, StopSignals, use_loss_progress_bar
-from .config import ConfigError, JobConfig, resolve_path
-from .data.collators import DreamCollator, MDLMCollator
-from .data.sft import (
-    TokenizeOptions,
-    build_sft_dataset,
-    load_local_dataset,
-    load_named_dataset,
-    split_train_eval,
-)
+from .config import JobConfig, looks_like_path, resolve_path
+from .data.sft import TokenizeOptions, build_sft_dataset, split_train_eval
+from .data.sources import FILE_KINDS, line_limit, load_local_dataset, load_named_dataset
 from .data.templates import RowTemplates
-from .host import Host
+from .errors import ConfigError, DataError
+from .hosts import Host
+from .methods import Method, check_method_options, resolve_method
 from .models.families import (
     TokenIds,
     detect_family,
     load_tokenizer,
     prepare_tokenizer,
     read_model_config,
-    resolve_method,
 )
 from .models.loading import LoadOptions, load_model, resolve_model_path
-from .outputs import planned_output, save_outputs, write_json
+from .outputs import make_output_dir, planned_output, save_outputs
 from .plots import plot_loss_curves
 from .preview import (
     PreviewCallback,
@@ -42,7 +38,6 @@ from .preview import (
     pick_prompts,
     write_tensorboard_text,
 )
-from .trainers import DreamConfig, DreamTrainer, MDLMConfig, MDLMTrainer
 from .training_args import latest_checkpoint, resolve_resume, training_arguments
 
 logger = logging.getLogger(__name__)
@@ -52,7 +47,8 @@ logger = logging.getLogger(__name__)
 class Prepared:
     """Everything the Trainer needs, built before any weight is loaded where possible."""
 
-    method: str
+    method: Method
+    family: str
     model_path: str
     model_config: dict[str, Any]
     tokenizer: Any
@@ -65,7 +61,7 @@ class Prepared:
 def prepare(cfg: JobConfig, host: Host) -> Prepared:
     """Family, method, tokenizer and tokenised data: every check that needs no weights."""
     if not cfg.model_name:
-        raise ConfigError(["model_name: required (a hub id or a local model folder)"])
+        raise ConfigError("model_name: required (a hub id or a local model folder)")
     model_path = resolve_model_path(
         str(resolve_path(cfg.model_name, cfg.source_dir))
         if _is_local(cfg.model_name, cfg)
@@ -74,7 +70,8 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     model_config = read_model_config(model_path)
     family = detect_family(model_config)
     method = resolve_method(cfg.training_method, family, cfg.model_name)
-    logger.info("model %s: %s family, training method %s", cfg.model_name, family, method)
+    check_method_options(method, cfg)
+    logger.info("model %s: %s family, training method %s", cfg.model_name, family, method.name)
     tokenizer = load_tokenizer(model_path, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
     rows = load_rows(cfg, host)
@@ -102,7 +99,9 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     source = evalset if evalset is not None else train
     n = min(cfg.num_preview_samples, len(source))
     prompts = pick_prompts(source.select(range(n))["messages"], n) if n else []
-    return Prepared(method, model_path, model_config, tokenizer, ids, train, evalset, prompts)
+    return Prepared(
+        method, family, model_path, model_config, tokenizer, ids, train, evalset, prompts
+    )
 
 
 def _is_local(name: str, cfg: JobConfig) -> bool:
@@ -113,33 +112,26 @@ def load_rows(cfg: JobConfig, host: Host) -> Any:
     """The dataset as a DatasetDict: from the host, a local path, or the hub."""
     if not cfg.dataset_name:
         raise ConfigError(
-            ["dataset_name: required (a local file/folder, a host dataset or a hub id)"]
+            "dataset_name: required (a local file/folder, a host dataset or a hub id)"
         )
     from_host = host.load_dataset(cfg)
     if from_host is not None:
         return from_host
     path = resolve_path(cfg.dataset_name, cfg.source_dir)
-    return load_local_dataset(path) if path.exists() else load_named_dataset(cfg.dataset_name)
+    if path.exists():
+        return load_local_dataset(path, line_limit(cfg.max_length))
+    if looks_like_path(cfg.dataset_name) or path.suffix.lower() in FILE_KINDS:
+        raise DataError(f"dataset_name: the file or folder {cfg.dataset_name!r} does not exist")
+    return load_named_dataset(cfg.dataset_name)
 
 
-def build_trainer(
-    cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: StopSignals
-) -> MDLMTrainer:
+def build_trainer(cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: StopSignals) -> Any:
     """The method's Trainer with its collator and callbacks."""
     args = training_arguments(
         cfg, prep.method, has_eval=prep.eval is not None, inside_host=host.inside_host
     )
-    if prep.method == "dream":
-        collator = DreamCollator(
-            pad_token_id=prep.ids.pad_id,
-            perbatch_cutoff=cfg.perbatch_cutoff,
-            resp_cutoff_ratio=cfg.resp_cutoff_ratio,
-            seed=cfg.seed,
-        )
-        trainer_cls = DreamTrainer
-    else:
-        collator = MDLMCollator(pad_token_id=prep.ids.pad_id)
-        trainer_cls = MDLMTrainer
+    trainer_cls = prep.method.trainer_class()
+    collator = trainer_cls.collator(prep.ids.pad_id, cfg)
     eval_features = prep.eval.remove_columns("messages") if prep.eval is not None else None
     previews = []
     if cfg.sample_every_eval and prep.preview_prompts:
@@ -178,7 +170,8 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
     host.configure(cfg)
     logger.info("the trained model will be saved to %s", planned_output(cfg, host.models_dir()))
     prep = prepare(cfg, host)
-    loaded = load_model(prep.model_path, prep.method, load_options(cfg))
+    make_output_dir(output_dir)
+    loaded = load_model(prep.model_path, prep.family, load_options(cfg))
     stop = StopSignals()
     trainer = build_trainer(cfg, prep, loaded.model, host, stop)
     resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
@@ -192,7 +185,7 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
         metrics.update(trainer.evaluate())
     summary: dict[str, Any] = {
         "status": "complete" if finished else "stopped",
-        "method": prep.method,
+        "method": prep.method.name,
         "model_name": cfg.model_name,
         "global_step": trainer.state.global_step,
         "train_loss": metrics.get("train_loss"),
@@ -255,7 +248,7 @@ def check_device(cfg: JobConfig) -> None:
     """Refuse a device this machine does not have, instead of silently using another."""
     if cfg.train_device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            ["train_device: 'cuda' is not allowed here: no CUDA device is visible; use 'cpu'"]
+            "train_device: 'cuda' is not allowed here: no CUDA device is visible; use 'cpu'"
         )
     if (
         cfg.dtype == "bfloat16"
@@ -263,20 +256,9 @@ def check_device(cfg: JobConfig) -> None:
         and not torch.cuda.is_bf16_supported()
     ):
         raise ConfigError(
-            ["dtype: 'bfloat16' is not supported by this GPU; use 'float16' or 'float32'"]
+            "dtype: 'bfloat16' is not supported by this GPU; use 'float16' or 'float32'"
         )
     if cfg.dtype == "bfloat16" and cfg.train_device == "cpu":
         logger.warning(
             "dtype bfloat16 on CPU runs under bf16 autocast and is several times slower than float32"
         )
-    if (
-        cfg.resp_cutoff_ratio > 0
-        and cfg.perbatch_cutoff
-        and cfg.training_method in ("dream", "auto")
-    ):
-        logger.warning(
-            "resp_cutoff_ratio acts only when perbatch_cutoff is false: it has no effect in this run"
-        )
-
-
-__all__ = ["run_job", "prepare", "build_trainer", "MDLMConfig", "DreamConfig"]

@@ -1,6 +1,6 @@
 """Which trackers a run reports to: TensorBoard always, W&B only when it can work.
 
-A W&B run without an API key aborts the whole job (stack-pitfalls.md); without network
+A W&B run without an API key aborts the whole job (wandb raises UsageError); without network
 it hangs for minutes. Either way the user loses a training run over a dashboard, so W&B
 falls back to offline mode with one warning instead.
 """

@@ -1,4 +1,4 @@
-"""JobConfig -> MDLMConfig/DreamConfig (TrainingArguments), and checkpoint resume."""
+"""JobConfig -> the method's TrainingArguments, and checkpoint resume."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
-from .config import JobConfig
-from .trainers import DreamConfig, MDLMConfig
+from transformers import TrainingArguments
+
+from .config import JobConfig, gradient_clip_norm
+from .methods import Method
 
 logger = logging.getLogger(__name__)
 
 
 def training_arguments(
-    cfg: JobConfig, method: str, has_eval: bool, inside_host: bool
-) -> MDLMConfig:
+    cfg: JobConfig, method: Method, has_eval: bool, inside_host: bool
+) -> TrainingArguments:
     """The Trainer's arguments; every value traces back to a manifest parameter."""
     output_dir = Path(cfg.output_dir)
     use_tensorboard_dir(cfg)
@@ -40,7 +43,7 @@ def training_arguments(
         gradient_checkpointing=False,  # enabled at load time (works with peft/4-bit too)
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e9,
+        max_grad_norm=gradient_clip_norm(cfg),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -57,19 +60,19 @@ def training_arguments(
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         disable_tqdm=inside_host,
-        time_epsilon=1e-3,
-        noise_schedule=cfg.noise_schedule,
-        loss_norm_type=cfg.loss_norm_type,
-        score_masked_only=cfg.score_masked_only,
     )
-    if method == "dream":
-        return DreamConfig(
-            **common,
-            loss_weight_type=cfg.loss_weight_type,
-            perbatch_cutoff=cfg.perbatch_cutoff,
-            resp_cutoff_ratio=cfg.resp_cutoff_ratio,
-        )
-    return MDLMConfig(**common, loss_weight_type=cfg.mdlm_loss_weight_type)
+    arguments = method.trainer_class().arguments_class
+    return arguments(**common, **method_options(cfg, method, arguments))
+
+
+def method_options(cfg: JobConfig, method: Method, arguments: type) -> dict[str, Any]:
+    """The method's own options: the fields its arguments class adds to TrainingArguments,
+    from the manifest parameters of the same name (the weighting from the method's own
+    parameter: `mdlm_loss_weight_type` or `loss_weight_type`)."""
+    own = set(arguments.__dataclass_fields__) - set(TrainingArguments.__dataclass_fields__)
+    options = {name: cfg.params[name] for name in own if name in cfg.params}
+    options["loss_weight_type"] = cfg.params[method.weight_option]
+    return options
 
 
 _TENSORBOARD_ENV = "TENSORBOARD_LOGGING_DIR"  # transformers 5 reads the folder from here

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dllm_plugin.data import collators
 from dllm_plugin.data.collators import DreamCollator, MDLMCollator
+from dllm_plugin.rng import keyed_generator
 
 PAD = 0
 
@@ -79,7 +79,7 @@ def test_mdlm_validation(features, message: str) -> None:
 
 def expected_perbatch(features: list[dict], seed: int) -> dict:
     """Reimplementation of the draw: one randint over the batch from the batch's generator."""
-    gen = collators.batch_generator(seed, [f["input_ids"] for f in features])
+    gen = keyed_generator(seed, [f["input_ids"] for f in features])
     chosen = int(torch.randint(len(features), (1,), generator=gen))
     kept = len(features[chosen]["input_ids"]) - features[chosen]["prompt_len"]
     trimmed = [
@@ -146,7 +146,7 @@ def test_dream_tail_cut_range_and_seeded_draw() -> None:
         features[0]["input_ids"][0] = first
         plain = MDLMCollator(pad_token_id=PAD)(features)
         out = coll(features)
-        gen = collators.batch_generator(5, [f["input_ids"] for f in features])
+        gen = keyed_generator(5, [f["input_ids"] for f in features])
         torch.rand((), generator=gen)
         cut = int(torch.randint(1, 6, (1,), generator=gen))
         assert out["input_ids"].shape[1] == 11 - cut

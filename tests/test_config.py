@@ -7,13 +7,13 @@ import json
 import pytest
 
 from dllm_plugin.config import (
-    ConfigError,
     build_job_config,
     coerce,
     defaults,
     load_manifest,
     read_input_file,
 )
+from dllm_plugin.errors import ConfigError
 
 ORIGINAL_PARAMETERS = {
     "train_device": ("cuda", ["cuda", "cpu", "tpu"]),
@@ -138,11 +138,11 @@ def test_host_file_with_string_values(tmp_path):
     assert experiment["name"] == "alpha" and cfg.job_id == 17
 
 
-def test_flat_file(tmp_path):
+def test_a_bare_config_without_the_config_key_is_refused_with_a_hint(tmp_path):
     path = tmp_path / "flat.json"
     path.write_text(json.dumps({"model_name": "m", "dataset_name": "d", "train_steps": 5}))
-    raw, experiment = read_input_file(path)
-    assert experiment is None and build_job_config(raw).train_steps == 5
+    with pytest.raises(ConfigError, match='has no "config" object.*put dataset_name, model_name'):
+        read_input_file(path)
 
 
 def test_unknown_keys_warn_once(caplog):
@@ -195,7 +195,7 @@ def test_every_violation_reported_at_once():
             {"num_machines": 2, "machine_rank": 2, "main_process_ip": "10.0.0.1"},
             "machine_rank: 2 is not allowed: must be < num_machines (2)",
         ),
-        ({"loss_weight_type": "cart[geo_p:0.0]"}, "geo_p must be between 0 and 1"),
+        ({"loss_weight_type": "cart[geo_p:0.0]"}, "geo_p must be in (0, 1)"),
         (
             {"resume_from_checkpoint": "/no/such/checkpoint"},
             "resume_from_checkpoint: '/no/such/checkpoint' is not allowed",
@@ -227,3 +227,28 @@ def test_bad_input_files(tmp_path, content, fragment):
 def test_missing_input_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         read_input_file(tmp_path / "nope.json")
+
+
+def test_every_config_attribute_the_code_reads_is_a_parameter_or_host_field():
+    """`cfg.<name>` anywhere in the package must name a manifest parameter, a host
+    field or a JobConfig member: a typo would otherwise read None or raise late."""
+    import ast
+    from dataclasses import fields
+    from pathlib import Path
+
+    from dllm_plugin.config import HOST_FIELDS, JobConfig
+
+    known = set(load_manifest()["parameters"]) | set(HOST_FIELDS)
+    known |= {f.name for f in fields(JobConfig)} | {"to_dict"}
+    package = Path(__file__).resolve().parents[1] / "dllm_plugin"
+    unknown = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "cfg"
+                and node.attr not in known
+            ):
+                unknown.append(f"{path.name}:{node.lineno}: cfg.{node.attr}")
+    assert not unknown, unknown

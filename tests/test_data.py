@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import datasets
 import pytest
-from conftest import write_rows
+from helpers import write_rows
 
 from dllm_plugin.data.sft import (
-    IGNORE_INDEX,
     TokenizeOptions,
     build_sft_dataset,
-    load_local_dataset,
     split_train_eval,
     tokenize_messages,
 )
-from dllm_plugin.data.templates import DataError, RowTemplates, row_to_messages
+from dllm_plugin.data.sources import line_limit, load_local_dataset
+from dllm_plugin.data.templates import RowTemplates, row_to_messages
+from dllm_plugin.diffusion.loss import IGNORE_INDEX
+from dllm_plugin.errors import DataError
 
 
 def user_answer(prompt: str, answer: str) -> list[dict]:
@@ -199,7 +200,7 @@ def test_load_file_kinds(tmp_path, kind):
         frame.to_csv(path)
     else:
         frame.to_parquet(path)
-    dsd = load_local_dataset(path)
+    dsd = load_local_dataset(path, line_limit(64))
     assert list(dsd) == ["train"] and dsd["train"][3] == ROWS[3]
 
 
@@ -208,13 +209,13 @@ def test_load_folder_of_split_files_and_save_to_disk(tmp_path):
     folder.mkdir()
     write_rows(folder / "train.jsonl", ROWS[:8])
     write_rows(folder / "test.jsonl", ROWS[8:])
-    dsd = load_local_dataset(folder)
+    dsd = load_local_dataset(folder, line_limit(64))
     assert len(dsd["train"]) == 8 and len(dsd["test"]) == 4
     train, evalset = split_train_eval(dsd, 0.1, 0)
     assert len(train) == 8 and len(evalset) == 4
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(saved))
-    assert len(load_local_dataset(saved)["train"]) == 12
+    assert len(load_local_dataset(saved, line_limit(64))["train"]) == 12
 
 
 def test_eval_split_ratio_and_small_datasets():
@@ -232,11 +233,46 @@ def test_eval_split_ratio_and_small_datasets():
         (lambda p: p / "missing.jsonl", "does not exist"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "holds no"),
         (
-            lambda p: (p / "bad.jsonl").write_text("{not json\n") and p / "bad.jsonl",
-            "cannot read dataset file",
+            lambda p: (p / "bad.jsonl").write_text('{"a": 1}\n{not json\n') and p / "bad.jsonl",
+            r"bad.jsonl' line 2 is not valid JSON",
+        ),
+        (lambda p: ((p / "e.jsonl").write_text(""), p / "e.jsonl")[1], "holds no rows"),
+        (lambda p: (p / "w.jsonl").write_text(" \n\t\n") and p / "w.jsonl", "holds no rows"),
+        (
+            lambda p: ((p / "b.jsonl").write_bytes(b'{"a": "ok"}\n{"a": "\xff"}\n'), p / "b.jsonl")[
+                1
+            ],
+            r"b.jsonl' line 2 is not UTF-8 text \(byte offset 19: 0xff\)",
+        ),
+        (
+            lambda p: (p / "l.jsonl").write_text("[1, 2]\n") and p / "l.jsonl",
+            "must be a JSON object",
+        ),
+        (
+            lambda p: (p / "c.csv").write_text("a,b\n1,2,3\n") and p / "c.csv",
+            r"c.csv' line 2: the number of cells differs",
         ),
     ],
 )
 def test_load_errors_name_the_path(tmp_path, setup, fragment):
     with pytest.raises(DataError, match=fragment):
-        load_local_dataset(setup(tmp_path))
+        load_local_dataset(setup(tmp_path), line_limit(64))
+
+
+def test_empty_csv_cells_are_empty_strings_not_none(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,input,output\nSay hi,,hello\n")
+    row = load_local_dataset(path, line_limit(64))["train"][0]
+    assert row == {"instruction": "Say hi", "input": "", "output": "hello"}
+    assert row_to_messages(row, 0, RowTemplates())[0]["content"] == "Say hi"
+
+
+def test_a_line_too_long_for_max_length_is_skipped_and_counted(tmp_path, caplog):
+    path = tmp_path / "d.jsonl"
+    long_row = '{"prompt": "' + "x" * (line_limit(8) + 10) + '", "completion": "y"}\n'
+    path.write_text(
+        '{"prompt": "a", "completion": "b"}\n' + long_row + '{"prompt": "c", "completion": "d"}\n'
+    )
+    rows = load_local_dataset(path, line_limit(8))["train"]
+    assert [r["prompt"] for r in rows] == ["a", "c"]
+    assert "skipped 1 line(s) longer than" in caplog.text

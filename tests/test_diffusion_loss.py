@@ -11,19 +11,16 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dllm_plugin.diffusion import (
-    CosineSchedule,
-    LinearSchedule,
-    cart_weights,
-    chunked_linear_cross_entropy,
+from dllm_plugin.diffusion.cart import cart_weights
+from dllm_plugin.diffusion.chunked_ce import chunked_linear_cross_entropy
+from dllm_plugin.diffusion.loss import (
     full_logits_cross_entropy,
-    get_schedule,
     loss_weights,
-    normalise_loss,
+    normaliser,
     parse_loss_weight_type,
-    sample_masks,
-    sample_timesteps,
 )
+from dllm_plugin.diffusion.noise import sample_masks, sample_timesteps
+from dllm_plugin.diffusion.schedules import CosineSchedule, LinearSchedule, get_schedule
 
 # ------------------------------------------------------------------------- helpers
 
@@ -242,30 +239,40 @@ MASKABLE = torch.tensor(
 )
 
 
+def normalised(weighted, maskable, kind, **kw):
+    """The loss the trainers compute: sum(weights * normaliser * CE) with CE = 1."""
+    return (weighted * normaliser(kind, maskable, **kw)).sum()
+
+
 def test_normalise_token() -> None:
-    assert normalise_loss(WEIGHTED, MASKABLE, "token").item() == 1.5  # 6 / 4
-    assert normalise_loss(WEIGHTED, MASKABLE, "token", num_items=12).item() == 0.5
-    assert normalise_loss(WEIGHTED, MASKABLE, "token", num_items=torch.tensor(3)).item() == 2.0
+    assert normalised(WEIGHTED, MASKABLE, "token").item() == 1.5  # 6 / 4
+    assert normalised(WEIGHTED, MASKABLE, "token", global_items=12).item() == 0.5
+    assert normalised(WEIGHTED, MASKABLE, "token", global_items=torch.tensor(3)).item() == 2.0
+    # DDP averages over processes: the local loss carries the process count
+    assert normalised(WEIGHTED, MASKABLE, "token", global_items=12, processes=2).item() == 1.0
+    # without the global count (evaluation), the local count times the accumulation steps
+    assert normalised(WEIGHTED, MASKABLE, "token", accumulation=2).item() == 0.75
 
 
 def test_normalise_sequence_and_batch() -> None:
     # rows: 3/3, 3/1, empty row contributes 0 -> (1 + 3 + 0) / 3
-    assert normalise_loss(WEIGHTED, MASKABLE, "sequence").item() == pytest.approx(4 / 3)
-    assert normalise_loss(WEIGHTED, MASKABLE, "batch").item() == 2.0  # 6 / 3
+    assert normalised(WEIGHTED, MASKABLE, "sequence").item() == pytest.approx(4 / 3)
+    assert normalised(WEIGHTED, MASKABLE, "batch").item() == 2.0  # 6 / 3
+    assert normalised(WEIGHTED, MASKABLE, "batch", accumulation=4).item() == 0.5
 
 
 def test_normalise_empty_is_zero_not_nan_and_differentiable() -> None:
     weighted = torch.zeros(2, 3, requires_grad=True)
     maskable = torch.zeros(2, 3, dtype=torch.bool)
     for kind in ("token", "sequence", "batch"):
-        loss = normalise_loss(weighted, maskable, kind)
+        loss = normalised(weighted, maskable, kind)
         assert loss.item() == 0.0
         loss.backward()
 
 
 def test_normalise_rejects_unknown() -> None:
     with pytest.raises(ValueError, match="'token', 'sequence', 'batch'"):
-        normalise_loss(WEIGHTED, MASKABLE, "mean")
+        normaliser("mean", MASKABLE)
 
 
 # ------------------------------------------------------------------------- noising

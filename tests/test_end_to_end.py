@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_rows
+from helpers import write_rows
 
 import dllm_plugin.run as run_module
 from dllm_plugin.cli import main as cli_main
@@ -164,7 +164,7 @@ def test_bad_dataset_fails_with_reason_and_writes_nothing(tmp_path, tiny_bert_di
     assert cli_main(["--input_file", str(job)]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(
-        "FAILED: DataError: row 0: input_template uses a column or attribute that is missing"
+        "FAILED: row 0: input_template uses a column or attribute that is missing"
     )
     assert not (tmp_path / "out" / "models").exists()
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     DREAM_SPECIALS,
     LLADA_SPECIALS,
     char_tokenizer,
@@ -15,14 +15,14 @@ from conftest import (
 )
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from dllm_plugin.errors import ModelError
+from dllm_plugin.methods import resolve_method
 from dllm_plugin.models.families import (
-    ModelFamilyError,
     detect_family,
     load_tokenizer,
     prepare_tokenizer,
     read_model_config,
     resolve_lora_targets,
-    resolve_method,
 )
 
 
@@ -44,7 +44,7 @@ def test_detect_family(config, family):
 
 
 def test_detect_family_rejects_other_models():
-    with pytest.raises(ModelFamilyError, match="unsupported model: model_type 'llama'"):
+    with pytest.raises(ModelError, match="unsupported model: model_type 'llama'"):
         detect_family({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
 
 
@@ -54,9 +54,9 @@ def test_fixture_configs_are_detected():
 
 
 def test_method_must_fit_the_family():
-    assert resolve_method("auto", "dream", "m") == "dream"
-    assert resolve_method("llada", "llada", "m") == "llada"
-    with pytest.raises(ModelFamilyError) as err:
+    assert resolve_method("auto", "dream", "m").name == "dream"
+    assert resolve_method("llada", "llada", "m").name == "llada"
+    with pytest.raises(ModelError) as err:
         resolve_method("bert", "llada", "GSAI-ML/LLaDA-8B-Instruct")
     assert str(err.value) == (
         "training_method 'bert' does not fit model 'GSAI-ML/LLaDA-8B-Instruct', which is a llada model: "
@@ -112,9 +112,9 @@ def test_bert_tokenizer_setup(minilm_path):
 
 def test_missing_or_mismatched_mask_token_is_an_error():
     specials = {k: v for k, v in LLADA_SPECIALS.items() if k != "<|mdm_mask|>"}
-    with pytest.raises(ModelFamilyError, match="no mask token"):
+    with pytest.raises(ModelError, match="no mask token"):
         prepare_tokenizer(char_tokenizer(specials), "llada", {})
-    with pytest.raises(ModelFamilyError, match="mask_token_id 251"):
+    with pytest.raises(ModelError, match="mask_token_id 251"):
         prepare_tokenizer(char_tokenizer(LLADA_SPECIALS), "llada", {"mask_token_id": 251})
 
 
@@ -205,7 +205,7 @@ def test_explicit_lora_targets_and_unknown_names(llada_model):
     assert resolve_lora_targets(llada_model, "llada", "q_proj, v_proj") == sorted(
         f"model.transformer.blocks.{i}.{s}" for i in range(2) for s in ("q_proj", "v_proj")
     )
-    with pytest.raises(ModelFamilyError) as err:
+    with pytest.raises(ModelError) as err:
         resolve_lora_targets(llada_model, "llada", "q_proj,query,o_proj")
     assert "query, o_proj match no Linear module" in str(err.value)
     assert "attn_out, ff_out, ff_proj, k_proj, q_proj, up_proj, v_proj" in str(err.value)
@@ -217,7 +217,7 @@ def test_4bit_lora_training_step_on_tiny_llada(tmp_path):
 
     try:
         check_bitsandbytes()
-    except ModelFamilyError as e:
+    except ModelError as e:
         pytest.skip(f"bitsandbytes cannot quantise here: {e}")
     import bitsandbytes as bnb
 
@@ -258,7 +258,5 @@ def test_4bit_without_bitsandbytes_fails_clearly(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
-    with pytest.raises(
-        ModelFamilyError, match="load_in_4bit: true, but bitsandbytes cannot quantise"
-    ):
+    with pytest.raises(ModelError, match="load_in_4bit: true, but bitsandbytes cannot quantise"):
         loading.check_bitsandbytes()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_pairs_job
+from helpers import run_pairs_job
 
 
 def nll_curve(summary: dict) -> list[float]:

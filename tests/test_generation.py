@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PAIRS, run_pairs_job
+from helpers import PAIRS, run_pairs_job
 
 from dllm_plugin import generate
 

@@ -1,5 +1,5 @@
 """Inside Transformer Lab: the plugin under a fake host (harness + SDK + job store) in a
-subprocess, as the host runs it; and TransformerLabHost alone with an old-style SDK
+subprocess, as the host runs it; and PluginHost alone with an old-style SDK
 whose job methods are plain functions."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from fake_tlab.runner import host_config, install_dataset, quiet_env, run_in_hos
 
 from dllm_plugin.callbacks import HostCallback, StopSignals
 from dllm_plugin.config import build_job_config
-from dllm_plugin.host import Host, StandaloneHost, detect_host
-from dllm_plugin.tlab_host import TransformerLabHost, metric_name
+from dllm_plugin.hosts import Host, detect_host
+from dllm_plugin.hosts.plugin import PluginHost, metric_name
 
 ROWS = [
     {"prompt": f"What is {a} plus {b}?", "completion": f"{a + b}."}
@@ -104,7 +104,7 @@ def test_full_run_reports_progress_metrics_and_registers_the_model(workspace, ti
     [
         (
             {"input_template": "{{ missing_column }}", "output_template": "{{ completion }}"},
-            "DataError: row 0: input_template uses a column or attribute that is missing",
+            "row 0: input_template uses a column or attribute that is missing",
         ),
         ({"batch_size": "many"}, "batch_size: 'many' is not allowed"),
     ],
@@ -212,7 +212,7 @@ def _listener() -> tuple[socket.socket, list[Any]]:
     return server, connections
 
 
-# ---- TransformerLabHost with an old-style (synchronous) SDK --------------------------
+# ---- PluginHost with an old-style (synchronous) SDK --------------------------
 class OldJob:
     """lab.Job before it went async: plain methods."""
 
@@ -257,7 +257,7 @@ class OldSDK:
 
 def test_progress_is_monotonic_throttled_and_a_stop_becomes_a_flag(tmp_path):
     sdk = OldSDK()
-    host = TransformerLabHost(trainer=sdk, workspace=tmp_path)
+    host = PluginHost(sdk=sdk, workspace=tmp_path)
     for percent in (0, 0.2, 0.4, 1.0, 0.5, 2.0):
         host.progress(percent, eta_seconds=12.3)
     assert sdk.sent == [0, 1, 2]  # a repeat waits for the throttle interval; never back
@@ -270,7 +270,7 @@ def test_progress_is_monotonic_throttled_and_a_stop_becomes_a_flag(tmp_path):
 
 def test_fail_and_stop_and_metrics_reach_the_job(tmp_path):
     sdk = OldSDK()
-    host = TransformerLabHost(trainer=sdk, workspace=tmp_path)
+    host = PluginHost(sdk=sdk, workspace=tmp_path)
     host.metrics({"loss": 1.5, "eval_loss": float("nan"), "learning_rate": 1e-3}, step=3)
     assert sdk.job.data["metrics"] == {
         "loss": 1.5,
@@ -288,7 +288,7 @@ def test_fail_and_stop_and_metrics_reach_the_job(tmp_path):
 
 def test_host_dataset_through_the_sdk_local_paths_ourselves(tmp_path):
     sdk = OldSDK()
-    host = TransformerLabHost(trainer=sdk, workspace=tmp_path)
+    host = PluginHost(sdk=sdk, workspace=tmp_path)
     install_dataset(tmp_path, "sums", ROWS)
     local = tmp_path / "local.jsonl"
     local.write_text(json.dumps(ROWS[0]) + "\n")
@@ -305,7 +305,7 @@ def test_host_dataset_through_the_sdk_local_paths_ourselves(tmp_path):
 
 
 def test_stand_alone_outside_the_host():
-    assert isinstance(detect_host(), StandaloneHost)
+    assert type(detect_host()) is Host
     assert metric_name("eval_loss") == "eval/loss" and metric_name("loss") == "loss"
 
 

@@ -16,19 +16,18 @@ import pytest
 import yaml
 
 from dllm_plugin import launch
-from dllm_plugin.config import ConfigError, build_job_config
-from dllm_plugin.host import Host
-from dllm_plugin.launch import (
-    LaunchPlan,
+from dllm_plugin.config import build_job_config
+from dllm_plugin.errors import ConfigError
+from dllm_plugin.hosts import Host
+from dllm_plugin.launch import host_for_this_process, maybe_relaunch
+from dllm_plugin.launch import plan as launch_plan
+from dllm_plugin.launch import supervise as sup
+from dllm_plugin.launch.plan import LaunchPlan, accelerate_config, describe_plan, plan_launch
+from dllm_plugin.launch.supervise import (
     LaunchResult,
-    accelerate_config,
     child_environment,
-    describe_plan,
-    host_for_this_process,
     launch_command,
     launch_result,
-    maybe_relaunch,
-    plan_launch,
     record_failure,
     run_streaming,
 )
@@ -58,12 +57,12 @@ def clean_env(monkeypatch):
         "WORLD_SIZE",
         "RANK",
         "CUDA_VISIBLE_DEVICES",
-        launch.FAILURE_DIR_ENV,
+        sup.FAILURE_DIR_ENV,
     ):
         monkeypatch.setenv(name, "")  # recorded, so whatever a test sets is undone after it
         monkeypatch.delenv(name)
-    monkeypatch.setattr(launch, "cuda_device_count", lambda: 4)
-    monkeypatch.setattr(launch, "_deepspeed_installed", lambda: True)
+    monkeypatch.setattr(launch_plan, "cuda_device_count", lambda: 4)
+    monkeypatch.setattr(launch_plan, "_deepspeed_installed", lambda: True)
 
 
 def generated(cfg, tmp_path, args=None):
@@ -100,7 +99,7 @@ def test_single_process_trains_here(params, capsys):
 
 
 def test_cuda_auto_with_one_gpu_trains_here(monkeypatch):
-    monkeypatch.setattr(launch, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(launch_plan, "cuda_device_count", lambda: 1)
     assert not plan_launch(job(train_device="cuda")).needs_launcher
 
 
@@ -108,7 +107,7 @@ def test_one_chosen_gpu_is_made_visible_without_touching_cuda(monkeypatch):
     def no_cuda():
         raise AssertionError("CUDA queried before CUDA_VISIBLE_DEVICES was set")
 
-    monkeypatch.setattr(launch, "cuda_device_count", no_cuda)
+    monkeypatch.setattr(launch_plan, "cuda_device_count", no_cuda)
     assert maybe_relaunch(job(train_device="cuda", gpu_ids="2"), Path("j"), cli_args()) is None
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
 
@@ -140,9 +139,9 @@ def test_cpu_processes_use_the_multi_gpu_launcher_with_gloo(tmp_path):
         str(tmp_path / "accelerate_config.yaml"),
     ]
     assert "--multi_gpu" in command and "--cpu" not in command
-    tail = command[command.index(str(launch.MAIN_SCRIPT)) :]
+    tail = command[command.index(str(sup.MAIN_SCRIPT)) :]
     assert tail == [
-        str(launch.MAIN_SCRIPT),
+        str(sup.MAIN_SCRIPT),
         "--input_file",
         str((tmp_path / "job.json").resolve()),
         "--launched_with_accelerate",
@@ -240,7 +239,7 @@ def test_deepspeed_config(strategy, stage, tmp_path):
 
 
 def test_deepspeed_must_be_installed(monkeypatch):
-    monkeypatch.setattr(launch, "_deepspeed_installed", lambda: False)
+    monkeypatch.setattr(launch_plan, "_deepspeed_installed", lambda: False)
     with pytest.raises(ConfigError, match="pip install deepspeed"):
         plan_launch(job(train_device="cuda", distributed_strategy="deepspeed_zero2"))
 
@@ -294,7 +293,7 @@ def test_multi_node_parameters_pass_through(tmp_path):
 
 
 def test_one_gpu_per_machine_still_launches_for_multi_node(monkeypatch):
-    monkeypatch.setattr(launch, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(launch_plan, "cuda_device_count", lambda: 1)
     cfg = job(train_device="cuda", num_machines=2, main_process_ip="h0")
     plan = plan_launch(cfg)
     assert plan.needs_launcher and plan.num_processes == 2
@@ -339,7 +338,7 @@ def test_maybe_relaunch_writes_config_runs_and_reports(tmp_path, monkeypatch, ca
         seen["config"] = yaml.safe_load(config_file.read_text())
         seen["leftovers"] = [p.name for p in config_file.parent.iterdir() if ".tmp-" in p.name]
         seen["env"] = env
-        Path(env[launch.FAILURE_DIR_ENV], "rank-1.txt").write_text("DataError: no data")
+        Path(env[sup.FAILURE_DIR_ENV], "rank-1.txt").write_text("DataError: no data")
         return 1, ["FAILED: DataError: no data"]
 
     monkeypatch.setattr(launch, "run_streaming", fake_run)
@@ -348,7 +347,7 @@ def test_maybe_relaunch_writes_config_runs_and_reports(tmp_path, monkeypatch, ca
     assert result == LaunchResult(1, "rank 1: DataError: no data")
     assert seen["config"]["num_processes"] == 2 and seen["leftovers"] == []
     assert seen["env"]["_TFL_ORG_ID"] == "team-a"
-    assert not Path(seen["env"][launch.FAILURE_DIR_ENV]).exists()  # temp folder cleaned up
+    assert not Path(seen["env"][sup.FAILURE_DIR_ENV]).exists()  # temp folder cleaned up
     assert "launch plan:" in capsys.readouterr().out
 
 
@@ -361,7 +360,7 @@ def test_children_import_what_the_parent_imports(tmp_path, monkeypatch):
     entries = env["PYTHONPATH"].split(os.pathsep)
     assert str(sdk.resolve()) in entries
     assert not any("site-packages" in e for e in entries)
-    assert env[launch.FAILURE_DIR_ENV] == str(tmp_path) and env["PYTHONUNBUFFERED"] == "1"
+    assert env[sup.FAILURE_DIR_ENV] == str(tmp_path) and env["PYTHONUNBUFFERED"] == "1"
 
 
 # ---- failures ---------------------------------------------------------------------------
@@ -397,13 +396,13 @@ def test_fallback_reasons(tmp_path, tail, reason):
 
 def test_success_and_clean_stop(tmp_path):
     assert launch_result(tmp_path, 0, ["whatever"]) == LaunchResult(0)
-    (tmp_path / launch.STOPPED_MARKER).write_text("5")
+    (tmp_path / sup.STOPPED_MARKER).write_text("5")
     assert launch_result(tmp_path, 1, ["SignalException"]) == LaunchResult(0)
 
 
 def test_record_failure(tmp_path, monkeypatch):
     record_failure("nowhere to write")  # no launcher: nothing happens
-    monkeypatch.setenv(launch.FAILURE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(sup.FAILURE_DIR_ENV, str(tmp_path))
     monkeypatch.setenv("RANK", "3")
     record_failure("ValueError: bad")
     assert (tmp_path / "rank-3.txt").read_text() == "ValueError: bad"
@@ -451,12 +450,12 @@ def test_other_ranks_never_update_the_host(monkeypatch):
 def test_rank_zero_reports_a_clean_stop_to_the_launcher(tmp_path, monkeypatch):
     inner = RecordingHost()
     assert host_for_this_process(inner) is inner  # not launched: the host itself
-    monkeypatch.setenv(launch.FAILURE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(sup.FAILURE_DIR_ENV, str(tmp_path))
     host = host_for_this_process(inner)
     host.running()
     host.stopped({"global_step": 5})
     assert inner.calls == ["running", "stopped"]
-    assert (tmp_path / launch.STOPPED_MARKER).is_file()
+    assert (tmp_path / sup.STOPPED_MARKER).is_file()
 
 
 def test_plan_is_frozen_and_counts_all_machines():

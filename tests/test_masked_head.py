@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_fixture, tiny_bert_mlm
+from helpers import shared_fixture, tiny_bert_mlm
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -32,8 +32,12 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput
 
 from dllm_plugin.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
-from dllm_plugin.trainers import DreamConfig as DreamArgs
-from dllm_plugin.trainers import DreamTrainer, MDLMConfig, MDLMTrainer
+from dllm_plugin.trainers import (
+    DreamTrainer,
+    DreamTrainingArguments,
+    MDLMTrainer,
+    MDLMTrainingArguments,
+)
 
 V = 97  # tiny vocabulary: ids 0..3 are pad, bos, eos, mask
 PAD, BOS, MASK = 0, 1, 3
@@ -65,7 +69,9 @@ def make_batch(b: int = 3, length: int = 20, prompt: int = 6, seed: int = 0) -> 
 
 
 def make_trainer(model: nn.Module, tmp: Path, dream: bool = False, **kw) -> MDLMTrainer:
-    args_cls, trainer_cls = (DreamArgs, DreamTrainer) if dream else (MDLMConfig, MDLMTrainer)
+    args_cls, trainer_cls = (
+        (DreamTrainingArguments, DreamTrainer) if dream else (MDLMTrainingArguments, MDLMTrainer)
+    )
     args = args_cls(output_dir=str(tmp), report_to=[], use_cpu=True, **kw)
     return trainer_cls(model=model, args=args, mask_token_id=MASK, bos_token_id=BOS)
 
@@ -189,7 +195,7 @@ def test_masked_path_equals_full_logits(family: str, tmp_path: Path) -> None:
     opt, full = both_paths(trainer, model, make_batch())
     assert_same(opt, full, **FP32)
     if family != "modernbert":  # ModernBERT may fall back (sparse prediction); still equal
-        assert trainer._head_verdict[2] is None, trainer._head_verdict[2]
+        assert trainer.head_verdict.reason is None, trainer.head_verdict.reason
 
 
 @pytest.mark.parametrize("prompt", [6, 0], ids=["prompt-masked", "bos-prepended"])
@@ -200,7 +206,7 @@ def test_dream_shifted_cart_equals_full_logits(prompt: int, tmp_path: Path) -> N
     trainer = make_trainer(model, tmp_path, dream=True)
     opt, full = both_paths(trainer, model, make_batch(prompt=prompt))
     assert_same(opt, full, **FP32)
-    assert trainer._head_verdict[2] is None
+    assert trainer.head_verdict.reason is None
 
 
 def test_llada_fixture_with_gradient_checkpointing(tmp_path: Path) -> None:
@@ -232,17 +238,17 @@ def test_lora_equals_full_logits(tmp_path: Path) -> None:
     trainer = make_trainer(model, tmp_path)
     opt, full = both_paths(trainer, model, make_batch())
     assert_same(opt, full, **FP32)
-    assert trainer._head_verdict[2] is None
+    assert trainer.head_verdict.reason is None
     assert all("lora_" in name for name in opt[1])  # the frozen head got no gradient
 
 
 def test_4bit_lora_equals_full_logits(tmp_path: Path) -> None:
-    from dllm_plugin.models.families import ModelFamilyError
+    from dllm_plugin.errors import ModelError
     from dllm_plugin.models.loading import LoadOptions, check_bitsandbytes, load_model
 
     try:
         check_bitsandbytes()
-    except ModelFamilyError as e:
+    except ModelError as e:
         pytest.skip(f"bitsandbytes cannot quantise here: {e}")
     opts = LoadOptions(dtype="float32", load_in_4bit=True, lora=True, lora_r=4, lora_alpha=8)
     model = load_model(str(shared_fixture("tiny-llada")), "llada", opts).model
@@ -253,7 +259,7 @@ def test_4bit_lora_equals_full_logits(tmp_path: Path) -> None:
     trainer = make_trainer(model, tmp_path)
     opt, full = both_paths(trainer, model, make_batch(length=24))
     assert_same(opt, full, rtol=1e-4, atol=1e-5)
-    assert trainer._head_verdict[2] is None
+    assert trainer.head_verdict.reason is None
 
 
 def test_bf16_autocast_close_to_full_logits(tmp_path: Path) -> None:
@@ -302,7 +308,7 @@ def test_ddp_wrapped_model_equals_full_logits(ddp_kwargs: dict, tmp_path: Path) 
         dist.destroy_process_group()
     assert any("ff_out" in name for name in opt[1])
     falls_back = "find_unused_parameters" in ddp_kwargs
-    assert (trainer._head_verdict[2] is not None) == falls_back
+    assert (trainer.head_verdict.reason is not None) == falls_back
 
 
 # ----------------------------------------------------------------------------- fallbacks
@@ -337,7 +343,7 @@ def test_inseparable_head_falls_back_with_one_log_line(
         opt, full = both_paths(trainer, model, make_batch())
         run_path(trainer, model, make_batch(), True)
     assert_same(opt, full, **FP32)
-    assert trainer._head_verdict[2] is not None
+    assert trainer.head_verdict.reason is not None
     lines = [r for r in caplog.records if "cannot be run separately" in r.getMessage()]
     assert len(lines) == 1
 
@@ -413,7 +419,7 @@ def test_group_by_length_needs_no_length_column(tmp_path: Path) -> None:
         }
         for n in lengths
     ]
-    args = MDLMConfig(
+    args = MDLMTrainingArguments(
         output_dir=str(tmp_path),
         report_to=[],
         use_cpu=True,

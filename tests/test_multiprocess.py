@@ -150,5 +150,5 @@ def test_child_failure_fails_the_parent_with_the_childs_reason(
     assert proc.returncode != 0
     line = last_line(proc.stdout)
     assert line.startswith("FAILED: rank "), proc.stdout[-4000:]
-    assert "DataError" in line and "no_such_rows.jsonl" in line
+    assert "dataset_name" in line and "no_such_rows.jsonl" in line and "does not exist" in line
     assert not (tmp_path / "bad" / "out" / "run_summary.json").exists()

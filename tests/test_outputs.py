@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import dllm_plugin.outputs as outputs
-from dllm_plugin.config import ConfigError, build_job_config
+import dllm_plugin.atomic as atomic
+from dllm_plugin.atomic import write_json
+from dllm_plugin.config import build_job_config
+from dllm_plugin.errors import ConfigError
 from dllm_plugin.outputs import (
     adaptor_dir,
     full_model_dir,
@@ -18,7 +20,6 @@ from dllm_plugin.outputs import (
     planned_output,
     safe_name,
     save_model_folder,
-    write_json,
 )
 
 
@@ -58,7 +59,7 @@ def test_failure_of_the_final_rename_puts_the_old_folder_back(tmp_path, monkeypa
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(outputs.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="rename failed"):
         save_model_folder(dest, lambda tmp: (tmp / "model.safetensors").write_text("new"))
     assert contents(dest) == before
@@ -79,7 +80,7 @@ def test_a_save_killed_between_the_renames_is_repaired_next_time(tmp_path):
     before = contents(dest)
     os.replace(dest, dest.parent / ".tiny_sums.old-1234abcd")  # killed after the first rename
     (dest.parent / ".tiny_sums.tmp-5678abcd").mkdir()  # and its half-written temporary
-    outputs.recover_folder(dest)
+    atomic.recover_folder(dest)
     assert contents(dest) == before
     assert os.listdir(dest.parent) == ["tiny_sums"]
 

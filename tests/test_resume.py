@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_rows
 from fake_tlab.runner import REPO, quiet_env
+from helpers import write_rows
 
 from dllm_plugin.training_args import checkpoint_step, latest_checkpoint, resolve_resume
 

@@ -7,11 +7,17 @@ import math
 import datasets
 import pytest
 import torch
-from conftest import tiny_bert_mlm
+from helpers import tiny_bert_mlm
 from transformers import BertForMaskedLM, TrainerCallback
 
 from dllm_plugin.data.collators import MDLMCollator
-from dllm_plugin.trainers import DreamConfig, DreamTrainer, MDLMConfig, MDLMTrainer, keyed_generator
+from dllm_plugin.rng import keyed_generator
+from dllm_plugin.trainers import (
+    DreamTrainer,
+    DreamTrainingArguments,
+    MDLMTrainer,
+    MDLMTrainingArguments,
+)
 
 V, MASK, PAD, BOS = 40, 39, 38, 37
 EPS = 1e-3
@@ -34,7 +40,7 @@ def toy_batch(seed: int = 1) -> dict[str, torch.Tensor]:
 
 
 def make_trainer(cls, tmp_path, model, **cfg):
-    config_cls = DreamConfig if cls is DreamTrainer else MDLMConfig
+    config_cls = DreamTrainingArguments if cls is DreamTrainer else MDLMTrainingArguments
     args = config_cls(
         output_dir=str(tmp_path),
         report_to=[],
@@ -135,7 +141,7 @@ def test_dream_loss_shifted_with_bos_and_cart_equals_brute_force(tmp_path):
     trainer = make_trainer(DreamTrainer, tmp_path, model, loss_weight_type="cart[geo_p:0.3]")
     batch = toy_batch(2)
     batch["labels"][2, :3] = -100  # row 0 and 2 start with prompt, row 1 too after BOS prepend
-    ids, labels = trainer.prepare_inputs(batch["input_ids"], batch["labels"])
+    ids, labels = trainer.model_inputs(batch["input_ids"], batch["labels"])
     loss = trainer.compute_loss(model, batch)
     t, masked = reference_noise(5, labels, "linear")
     expected = brute_force_mdlm(
@@ -167,10 +173,10 @@ def test_dream_bos_rule(tmp_path):
     trainer = make_trainer(DreamTrainer, tmp_path, tiny_bert())
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     all_prompt = torch.tensor([[-100, 6, 7], [-100, -100, 10]])
-    out_ids, out_labels = trainer.prepare_inputs(ids, all_prompt)
+    out_ids, out_labels = trainer.model_inputs(ids, all_prompt)
     assert torch.equal(out_ids, ids) and torch.equal(out_labels, all_prompt)
     one_scored = torch.tensor([[-100, 6, 7], [8, 9, 10]])
-    out_ids, out_labels = trainer.prepare_inputs(ids, one_scored)
+    out_ids, out_labels = trainer.model_inputs(ids, one_scored)
     assert out_ids.tolist() == [[BOS, 5, 6, 7], [BOS, 8, 9, 10]]
     assert out_labels.tolist() == [[-100, -100, 6, 7], [-100, 8, 9, 10]]
 
@@ -204,7 +210,7 @@ def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str):
         plen = 1 + i % 3
         rows.append({"input_ids": ids, "labels": [-100] * plen + ids[plen:], "prompt_len": plen})
     recorder = GradRecorder()
-    args = MDLMConfig(
+    args = MDLMTrainingArguments(
         output_dir=str(tmp_path),
         report_to=[],
         use_cpu=True,

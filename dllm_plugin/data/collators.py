@@ -7,13 +7,14 @@ mask, so the collators return none (a mask would hide the padded EOS from the mo
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from ..rng import keyed_generator
 
 __all__ = ["DreamCollator", "MDLMCollator"]
 
@@ -102,12 +103,6 @@ class MDLMCollator:
         return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
 
 
-def batch_generator(seed: int, batch_ids: Sequence[Sequence[int]]) -> torch.Generator:
-    """A generator determined by the seed and the batch's token ids (history-free)."""
-    digest = hashlib.sha256(repr((seed, [list(ids) for ids in batch_ids])).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 @dataclass
 class DreamCollator(MDLMCollator):
     """MDLM padding plus Dream's random response cut-offs (against length bias).
@@ -135,7 +130,7 @@ class DreamCollator(MDLMCollator):
             raise ValueError(f"resp_cutoff_ratio must be in [0, 1], got {self.resp_cutoff_ratio}")
 
     def _rng(self, rows: list[_Row]) -> torch.Generator:
-        return batch_generator(self.seed, [r.input_ids for r in rows])
+        return keyed_generator(self.seed, [list(r.input_ids) for r in rows])
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         rows = _to_rows(features)

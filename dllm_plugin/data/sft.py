@@ -1,7 +1,7 @@
-"""Datasets -> tokenised SFT features (input_ids, labels, prompt_len).
+"""Rows -> tokenised SFT features (input_ids, labels, prompt_len).
 
-Loading (local files and folders, or a DatasetDict the host hands over), the
-train/eval split, chat-template tokenisation with prompt masking, and truncation.
+The train/eval split, chat-template tokenisation with prompt masking, and truncation
+(loading the rows is sources.py).
 """
 
 from __future__ import annotations
@@ -11,70 +11,16 @@ import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
 
-from .templates import DataError, RowTemplates, row_to_messages
+from ..diffusion.loss import IGNORE_INDEX
+from ..errors import DataError
+from .sources import EVAL_SPLIT_NAMES
+from .templates import RowTemplates, row_to_messages
 
 logger = logging.getLogger(__name__)
-
-FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-EVAL_SPLIT_NAMES = ("validation", "test", "valid", "eval", "dev")
-IGNORE_INDEX = -100
-
-
-def load_local_dataset(path: Path) -> datasets.DatasetDict:
-    """A DatasetDict from a file, a save_to_disk folder or a folder of data files."""
-    if path.is_file():
-        return datasets.DatasetDict({"train": _load_files([path])})
-    if not path.is_dir():
-        raise DataError(f"dataset {str(path)!r} does not exist")
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        loaded = datasets.load_from_disk(str(path))
-        return (
-            loaded
-            if isinstance(loaded, datasets.DatasetDict)
-            else datasets.DatasetDict({"train": loaded})
-        )
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_LOADERS)
-    if not files:
-        raise DataError(f"dataset folder {str(path)!r} holds no {'/'.join(FILE_LOADERS)} files")
-    by_split: dict[str, list[Path]] = {}
-    for f in files:
-        split = next(
-            (s for s in ("train", *EVAL_SPLIT_NAMES) if f.stem.lower().startswith(s)), "train"
-        )
-        by_split.setdefault(split, []).append(f)
-    return datasets.DatasetDict({split: _load_files(fs) for split, fs in by_split.items()})
-
-
-def _load_files(files: list[Path]) -> datasets.Dataset:
-    kinds = {FILE_LOADERS.get(f.suffix.lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
-        raise DataError(
-            f"cannot load {', '.join(map(str, files))}: expected files of one kind among {', '.join(FILE_LOADERS)}"
-        )
-    try:
-        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
-    except Exception as e:  # datasets raises many kinds; name the file
-        raise DataError(f"cannot read dataset file(s) {', '.join(map(str, files))}: {e}") from e
-
-
-def load_named_dataset(name: str) -> datasets.DatasetDict:
-    """A dataset that is not a local path: the hub (needs network)."""
-    try:
-        loaded = datasets.load_dataset(name)
-    except Exception as e:
-        raise DataError(
-            f"dataset_name {name!r} is not a local file or folder and could not be loaded from the hub: {e}"
-        ) from e
-    return (
-        loaded
-        if isinstance(loaded, datasets.DatasetDict)
-        else datasets.DatasetDict({"train": loaded})
-    )
 
 
 def split_train_eval(

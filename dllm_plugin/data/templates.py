@@ -14,6 +14,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ..errors import DataError
+
 Message = dict[str, str]
 
 # Column pairs recognised as (prompt, answer), in order of preference.
@@ -30,10 +32,6 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "system": "system",
 }
-
-
-class DataError(ValueError):
-    """Bad dataset content; the message names the row, the column and what was expected."""
 
 
 @dataclass

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import looks_like_path
+from ..errors import ModelError, first_line
+
 logger = logging.getLogger(__name__)
 
 BERT_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "camembert"}
@@ -115,27 +118,36 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
-class ModelFamilyError(ValueError):
-    """The model does not fit the request (wrong method, no mask token, unknown family)."""
-
-
 def read_model_config(model_path: str) -> dict[str, Any]:
     """config.json as a dict, without loading weights or remote code."""
-    local = Path(model_path).expanduser() / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text(encoding="utf-8"))
+    folder = Path(model_path).expanduser()
+    if folder.is_dir():
+        local = folder / "config.json"
+        if not local.is_file():
+            raise ModelError(f"model_name: the folder {model_path!r} has no config.json")
+        try:
+            config = json.loads(local.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ModelError(f"model_name: {str(local)!r} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ModelError(f"model_name: {str(local)!r} must hold a JSON object")
+        return config
+    if looks_like_path(model_path):
+        raise ModelError(f"model_name: the folder {model_path!r} does not exist")
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(model_path).to_dict()
     except Exception as e:
-        raise ModelFamilyError(
-            f"model_name {model_path!r}: cannot read its config.json ({e})"
-        ) from e
+        raise ModelError(
+            f"model_name {model_path!r} is not a local model folder and its config could not "
+            f"be read from the Hugging Face hub ({first_line(e)})"
+        ) from None
 
 
 def detect_family(config: dict[str, Any]) -> str:
-    """bert, llada or dream from `model_type`, then `architectures`."""
+    """bert, llada or dream from `model_type`, then `architectures`; unknown ones are an
+    error naming what the config says."""
     model_type = str(config.get("model_type", "")).lower()
     archs = [str(a) for a in config.get("architectures") or []]
     if model_type == "llada" or any(a.lower().startswith("llada") for a in archs):
@@ -144,22 +156,10 @@ def detect_family(config: dict[str, Any]) -> str:
         return "dream"
     if model_type in BERT_MODEL_TYPES or any(a.endswith("ForMaskedLM") for a in archs):
         return "bert"
-    raise ModelFamilyError(
+    raise ModelError(
         f"unsupported model: model_type {config.get('model_type')!r}, architectures {archs}; "
         "supported: BERT-family masked LMs (bert, roberta, modernbert, distilbert), LLaDA, Dream"
     )
-
-
-def resolve_method(training_method: str, family: str, model_name: str) -> str:
-    """The training method to use; a method that does not fit the model is an error."""
-    if training_method == "auto":
-        return family
-    if training_method != family:
-        raise ModelFamilyError(
-            f"training_method {training_method!r} does not fit model {model_name!r}, which is a "
-            f"{family} model: use training_method {family!r} or 'auto'"
-        )
-    return training_method
 
 
 @dataclass
@@ -185,7 +185,7 @@ def prepare_tokenizer(tokenizer: Any, family: str, model_config: dict[str, Any])
     _set_mask_token(tokenizer, spec, model_config)
     if family == "bert":
         if tokenizer.sep_token is None or tokenizer.cls_token is None:
-            raise ModelFamilyError(
+            raise ModelError(
                 "this BERT-family tokenizer has no [CLS]/[SEP] tokens to build a chat template from"
             )
         if tokenizer.eos_token is None:
@@ -195,7 +195,7 @@ def prepare_tokenizer(tokenizer: Any, family: str, model_config: dict[str, Any])
             if getattr(tokenizer, attr) is None and (tok := _find_token(tokenizer, names)):
                 setattr(tokenizer, attr, tok)
         if tokenizer.eos_token is None:
-            raise ModelFamilyError(
+            raise ModelError(
                 f"the {family} tokenizer has no end-of-text token (tried {', '.join(spec.eos_tokens)})"
             )
     # Padding is trained as end-of-answer: pad with EOS (LLaDA and Dream share the id anyway).
@@ -222,14 +222,14 @@ def _set_mask_token(tokenizer: Any, spec: FamilySpec, model_config: dict[str, An
         if token is None and model_config.get("mask_token_id") is not None:
             token = tokenizer.convert_ids_to_tokens(int(model_config["mask_token_id"]))
         if token is None:
-            raise ModelFamilyError(
+            raise ModelError(
                 f"the tokenizer has no mask token (looked for {', '.join(spec.mask_tokens)} and the config's "
                 "mask_token_id): a masked-diffusion model needs one"
             )
         tokenizer.mask_token = token
     expected = model_config.get("mask_token_id")
     if expected is not None and tokenizer.mask_token_id != int(expected):
-        raise ModelFamilyError(
+        raise ModelError(
             f"the tokenizer's mask token {tokenizer.mask_token!r} has id {tokenizer.mask_token_id}, "
             f"but the model's config says mask_token_id {expected}"
         )
@@ -243,15 +243,13 @@ def load_tokenizer(model_path: str, family: str) -> Any:
         return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     except Exception as first:
         if family != "dream":
-            raise ModelFamilyError(
-                f"cannot load the tokenizer of {model_path!r}: {first}"
-            ) from first
+            raise ModelError(f"cannot load the tokenizer of {model_path!r}: {first}") from first
         from transformers import Qwen2Tokenizer
 
         try:
             return Qwen2Tokenizer.from_pretrained(model_path)
         except Exception as e:
-            raise ModelFamilyError(f"cannot load the Dream tokenizer of {model_path!r}: {e}") from e
+            raise ModelError(f"cannot load the Dream tokenizer of {model_path!r}: {e}") from e
 
 
 def head_module_names(model: Any) -> set[str]:
@@ -284,14 +282,14 @@ def resolve_lora_targets(
     if requested.strip() in ("", "auto"):
         wanted = [n for n in spec.lora_targets if n in available]
         if not wanted:
-            raise ModelFamilyError(
+            raise ModelError(
                 f"no default LoRA target of the {family} family exists in this model; its Linear modules are: {', '.join(available)}"
             )
     else:
         wanted = [n.strip() for n in requested.split(",") if n.strip()]
         missing = [n for n in wanted if n not in available]
         if missing:
-            raise ModelFamilyError(
+            raise ModelError(
                 f"lora_target_modules: {', '.join(missing)} match no Linear module of this model; "
                 f"the ones that exist are: {', '.join(available)}"
             )

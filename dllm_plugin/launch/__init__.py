@@ -1,0 +1,81 @@
+"""Single process or a re-launch under accelerate (multi-GPU, multi-CPU, multi-node, TPU).
+
+The job decides here whether this process trains itself or supervises training
+processes (plan.py makes the plan and the accelerate config; supervise.py runs the
+processes and reads how they ended). For more than one process it writes one
+accelerate config file into a temporary folder, re-executes `main.py` under
+`accelerate launch` with the same input file and a guard flag, and returns the
+children's exit status with the reason of the first rank that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from ..atomic import write_text
+from ..config import JobConfig
+from ..hosts import Host, MainRankHost, NonMainRankHost
+from .plan import LaunchPlan, accelerate_config, describe_plan, plan_launch
+from .supervise import (
+    LaunchResult,
+    child_environment,
+    launch_command,
+    launch_result,
+    launched_by_us,
+    record_failure,
+    record_stopped,
+    run_streaming,
+)
+
+__all__ = [
+    "LaunchPlan",
+    "LaunchResult",
+    "host_for_this_process",
+    "maybe_relaunch",
+    "plan_launch",
+    "record_failure",
+]
+
+DIST_ENV_VARS = ("LOCAL_RANK", "WORLD_SIZE")
+
+
+def maybe_relaunch(
+    cfg: JobConfig, input_file: Path, args: argparse.Namespace
+) -> LaunchResult | None:
+    """None: train in this process. Otherwise the result of the launched processes."""
+    if already_launched(args):
+        return None
+    plan = plan_launch(cfg)
+    if not plan.needs_launcher:
+        if plan.visible_devices is not None:  # one chosen GPU: only it is visible to us
+            os.environ["CUDA_VISIBLE_DEVICES"] = plan.visible_devices
+        print(describe_plan(plan, cfg), flush=True)
+        return None
+    with tempfile.TemporaryDirectory(prefix="dllm-launch-") as tmp:
+        config_text = yaml.safe_dump(accelerate_config(plan, cfg), sort_keys=False)
+        config_path = write_text(Path(tmp) / "accelerate_config.yaml", config_text)
+        failure_dir = Path(tmp) / "failures"
+        failure_dir.mkdir()
+        command = launch_command(plan, config_path, Path(input_file), args)
+        print(describe_plan(plan, cfg, command, config_text), flush=True)
+        returncode, tail = run_streaming(command, child_environment(plan, failure_dir))
+        return launch_result(failure_dir, returncode, tail)
+
+
+def already_launched(args: argparse.Namespace) -> bool:
+    """True inside a launched child, or when torchrun/accelerate started this process."""
+    return bool(getattr(args, "launched_with_accelerate", False)) or any(
+        name in os.environ for name in DIST_ENV_VARS
+    )
+
+
+def host_for_this_process(host: Host) -> Host:
+    """Rank 0 (or no launcher): the host. Other ranks: a view that never updates it."""
+    if os.environ.get("RANK", "0") != "0":
+        return NonMainRankHost(host)
+    return MainRankHost(host, record_stopped) if launched_by_us() else host
