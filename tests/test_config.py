@@ -229,6 +229,17 @@ def test_missing_input_file(tmp_path):
         read_input_file(tmp_path / "nope.json")
 
 
+def test_the_form_order_places_every_parameter_once_and_ends_with_the_wildcard():
+    manifest = load_manifest()
+    order = manifest["parameters_ui"]["ui:order"]
+    assert order[-1] == "*"
+    placed = order[:-1]
+    assert len(placed) == len(set(placed))
+    assert set(placed) == set(manifest["parameters"])
+    assert order[0] == "training_method"  # model/method first, expert knobs last
+    assert placed.index("lora") < placed.index("train_steps") < placed.index("noise_schedule")
+
+
 def test_every_config_attribute_the_code_reads_is_a_parameter_or_host_field():
     """`cfg.<name>` anywhere in the package must name a manifest parameter, a host
     field or a JobConfig member: a typo would otherwise read None or raise late."""
