@@ -17,7 +17,23 @@ from urllib.parse import urlparse
 logger = logging.getLogger(__name__)
 
 
-def usable_trackers(log_to_wandb: bool) -> list[str]:
+_SET_BY_US: dict[str, str] = {}
+
+
+def set_job_env(name: str, value: str) -> None:
+    """Set a tracker's environment variable for this job.
+
+    A value the user exported wins; one a previous job of this process set does not
+    (else a second in-process job would write into the first job's folder).
+    """
+    current = os.environ.get(name)
+    if current is None or current == _SET_BY_US.get(name):
+        os.environ[name] = _SET_BY_US[name] = value
+
+
+def usable_trackers(log_to_wandb: bool, output_dir: Path) -> list[str]:
+    """TensorBoard when installed; W&B when asked and usable, writing under output_dir
+    (the plugin host runs jobs from its own source folder: never the working directory)."""
     trackers = []
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         trackers.append("tensorboard")
@@ -26,6 +42,7 @@ def usable_trackers(log_to_wandb: bool) -> list[str]:
             "TensorBoard is not installed: no event files will be written (pip install tensorboard)"
         )
     if log_to_wandb and _wandb_ready():
+        set_job_env("WANDB_DIR", str(output_dir))
         trackers.append("wandb")
     return trackers
 

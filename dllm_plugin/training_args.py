@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from transformers import TrainingArguments
 
 from .config import JobConfig, gradient_clip_norm
 from .methods import Method
+from .trackers import set_job_env, usable_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -75,20 +75,10 @@ def method_options(cfg: JobConfig, method: Method, arguments: type) -> dict[str,
     return options
 
 
-_TENSORBOARD_ENV = "TENSORBOARD_LOGGING_DIR"  # transformers 5 reads the folder from here
-_tensorboard_dir_we_set: str | None = None
-
-
 def use_tensorboard_dir(cfg: JobConfig) -> None:
-    """Point the Trainer's TensorBoard writer at this job's folder under output_dir.
-
-    A folder the user exported wins; one a previous job of this process set does not
-    (else a second in-process job would write into the first job's folder).
-    """
-    global _tensorboard_dir_we_set
-    current = os.environ.get(_TENSORBOARD_ENV)
-    if current is None or current == _tensorboard_dir_we_set:
-        _tensorboard_dir_we_set = os.environ[_TENSORBOARD_ENV] = str(tensorboard_dir(cfg))
+    """Point the Trainer's TensorBoard writer (transformers 5 reads the folder from the
+    environment) at this job's folder under output_dir."""
+    set_job_env("TENSORBOARD_LOGGING_DIR", str(tensorboard_dir(cfg)))
 
 
 def tensorboard_dir(cfg: JobConfig) -> Path:
@@ -100,9 +90,7 @@ def tensorboard_dir(cfg: JobConfig) -> Path:
 
 def report_to(cfg: JobConfig) -> list[str]:
     """TensorBoard always (when installed); W&B only when asked and usable."""
-    from .trackers import usable_trackers
-
-    return usable_trackers(cfg.log_to_wandb)
+    return usable_trackers(cfg.log_to_wandb, Path(cfg.output_dir))
 
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

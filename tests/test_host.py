@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import threading
 from pathlib import Path
@@ -327,18 +328,15 @@ def test_host_stop_request_saves_and_stops_at_the_step():
 
 
 def test_each_in_process_job_gets_its_own_tensorboard_folder(tmp_path, monkeypatch):
-    from dllm_plugin import training_args
+    from dllm_plugin import trackers, training_args
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "recorded")  # so that teardown removes it
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
-    monkeypatch.setattr(training_args, "_tensorboard_dir_we_set", None)
+    monkeypatch.setattr(trackers, "_SET_BY_US", {})
     for name in ("first", "second"):
         cfg = build_job_config({"output_dir": str(tmp_path / name)})
         training_args.use_tensorboard_dir(cfg)
-        assert (
-            Path(training_args.os.environ["TENSORBOARD_LOGGING_DIR"]).parent.parent
-            == tmp_path / name
-        )
+        assert Path(os.environ["TENSORBOARD_LOGGING_DIR"]).parent.parent == tmp_path / name
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "mine"))  # the user's choice wins
     training_args.use_tensorboard_dir(build_job_config({"output_dir": str(tmp_path / "third")}))
-    assert training_args.os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "mine")
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "mine")
