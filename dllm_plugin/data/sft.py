@@ -56,6 +56,8 @@ def tokenize_messages(
     generation prompt; its tokens are a prefix of the full conversation's tokens, which
     is checked because a chat template that breaks it would mislabel the answer.
     """
+    if not messages[-1]["content"].strip():
+        return _dropped("with an empty answer")
     prompt_ids = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
     full_ids = _chat_ids(tokenizer, messages, add_generation_prompt=False)
     if full_ids[: len(prompt_ids)] != prompt_ids:

@@ -7,13 +7,16 @@ nothing is an error naming the row and its columns: never a silent `str(row)`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import signal
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .. import signals
 from ..errors import DataError
 
 Message = dict[str, str]
@@ -34,13 +37,98 @@ SHAREGPT_ROLES = {
 }
 
 
+RENDER_SECONDS = 2.0  # per template and row: real rows render in microseconds
+DEFAULT_MAX_CHARS = 1 << 20  # per rendered template (data/sources.line_limit sets the job's)
+
+
+class RenderLimitExceeded(Exception):
+    """A template used more time or produced more text than any real row needs."""
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja2's immutable sandbox plus cost limits: no operator, method call or output may
+    make text longer than `max_chars` (`"x" * 10**9`, `"".ljust(10**9)`), and `lipsum`
+    is gone. Time is bounded by the caller (`time_limit`)."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def __init__(self, max_chars: int):
+        super().__init__(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        self.max_chars = max_chars
+        self.globals.pop("lipsum", None)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, str | bytes | list | tuple) and isinstance(times, int):
+                    self._check_size(len(seq) * times)
+        if operator == "**" and _huge_power(left, right):
+            raise RenderLimitExceeded(f"raises a number to the power {right} (too large)")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if isinstance(getattr(__obj, "__self__", None), str | bytes | list | tuple):
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, int) and not isinstance(value, bool):
+                    __self._check_size(value)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_chars:
+            raise RenderLimitExceeded(
+                f"would make a text of {size} characters (at most {self.max_chars})"
+            )
+
+
+def _huge_power(base: Any, exponent: Any) -> bool:
+    """An integer power with more than 65536 bits (computed in C: no alarm can stop it)."""
+    if not (isinstance(base, int) and isinstance(exponent, int)) or abs(base) <= 1:
+        return False
+    return exponent * abs(base).bit_length() > (1 << 16)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise RenderLimitExceeded in this (main) thread after `seconds`. Elsewhere there is
+    no alarm: only the size limits hold."""
+
+    def expire(_signum: int, _frame: Any) -> None:
+        raise RenderLimitExceeded(f"took longer than {seconds:g} s")
+
+    with signals.handling(expire, (signal.SIGALRM,)) as installed:
+        if installed:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            if installed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _joined(chunks: Iterable[str], max_chars: int) -> str:
+    """The output of `Template.generate`, refused as soon as it passes `max_chars`."""
+    parts, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > max_chars:
+            raise RenderLimitExceeded(f"produced more than {max_chars} characters")
+        parts.append(chunk)
+    return "".join(parts)
+
+
 @dataclass
 class RowTemplates:
-    """The host's template fields; empty strings mean "not given"."""
+    """The host's template fields; empty strings mean "not given".
+
+    Rendering is bounded per row and template: `RENDER_SECONDS` of time and `max_chars`
+    characters of output (and of any intermediate text); a row over either is an error
+    naming it.
+    """
 
     input_template: str = ""
     output_template: str = ""
     instruction_template: str = ""
+    max_chars: int = DEFAULT_MAX_CHARS
 
     def __post_init__(self) -> None:
         given = {
@@ -56,9 +144,7 @@ class RowTemplates:
             raise DataError(
                 f"{missing} is empty but {other} is set: give both, or neither to infer the columns"
             )
-        env = ImmutableSandboxedEnvironment(
-            undefined=jinja2.StrictUndefined, keep_trailing_newline=True
-        )
+        env = BoundedSandbox(self.max_chars)
         self._compiled = {}
         for name in ("input_template", "output_template"):
             source = getattr(self, name)
@@ -75,8 +161,16 @@ class RowTemplates:
         return bool(self._compiled)
 
     def render(self, name: str, row: Mapping[str, Any], index: int) -> str:
+        # A missing value (an empty CSV cell, a JSON null) is an empty text, not "None".
+        values = {k: "" if v is None else v for k, v in row.items()}
         try:
-            return self._compiled[name].render(**row)
+            with time_limit(RENDER_SECONDS):
+                return _joined(self._compiled[name].generate(**values), self.max_chars)
+        except RenderLimitExceeded as e:
+            raise DataError(
+                f"row {index}: {name} {e}; a template may take {RENDER_SECONDS:g} s and "
+                f"{self.max_chars} characters per row"
+            ) from None
         except jinja2.UndefinedError as e:
             raise DataError(
                 f"row {index}: {name} uses a column or attribute that is missing ({e.message}); "
