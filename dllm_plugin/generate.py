@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import UserError
 from .methods import Method, default_method
 from .models.families import (
     TokenIds,
     detect_family,
     load_tokenizer,
+    position_limit,
     prepare_tokenizer,
     read_model_config,
 )
 from .models.loading import resolve_model_path
-from .preview import answer
+from .preview import answer_ids, prompt_token_ids
 from .sampling import DREAM_ALGORITHMS, MDLM_ALGORITHMS, SamplingConfig
 
 
@@ -59,49 +63,112 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_for_generation(
-    model_name: str, adaptor: str | None, device: str
-) -> tuple[Any, Any, TokenIds, Method]:
-    """(model, tokenizer, special ids, the family's method) ready to sample."""
-    from transformers import AutoModelForMaskedLM
+@dataclass
+class GenerationSetup:
+    """Everything but the weights: read and checked before the model is loaded."""
 
-    from . import models  # noqa: F401  (native LLaDA/Dream classes)
+    model_path: str
+    family: str
+    method: Method
+    tokenizer: Any
+    ids: TokenIds
+    limit: int | None  # the model's position limit
 
+
+def prepare_generation(model_name: str, adaptor: str | None) -> GenerationSetup:
+    """Config, family, tokenizer and special ids (no weights)."""
     model_path = resolve_model_path(model_name)
     model_config = read_model_config(model_path)
     family = detect_family(model_config)
+    if adaptor and not (Path(adaptor) / "adapter_config.json").is_file():
+        raise UserError(
+            f"--adaptor: {adaptor!r} is not a LoRA adaptor folder (no adapter_config.json)"
+        )
     tokenizer_source = (
         adaptor if adaptor and (Path(adaptor) / "tokenizer_config.json").is_file() else model_path
     )
     tokenizer = load_tokenizer(tokenizer_source, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
+    limit = position_limit(model_config, family)
+    return GenerationSetup(model_path, family, default_method(family), tokenizer, ids, limit)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument that needs no file, each error naming its flag."""
+    for flag, value in (
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--block-size", args.block_size),
+        ("--steps", args.steps),
+    ):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}: must be >= 1, got {value}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature: must be >= 0, got {args.temperature}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"--device: {args.device!r} is not available here (no CUDA device); use cpu"
+        )
+
+
+def check_against_model(args: argparse.Namespace, setup: GenerationSetup) -> list[int]:
+    """The algorithm for this family and the prompt's length; returns the prompt's ids."""
+    allowed = setup.method.sampler_function().algorithms
+    if args.algorithm is not None and args.algorithm not in allowed:
+        raise UserError(
+            f"--algorithm: {args.algorithm!r} is not one of {', '.join(allowed)} "
+            f"({setup.family} models)"
+        )
+    prompt_ids = prompt_token_ids(setup.tokenizer, messages(args))
+    needed = len(prompt_ids) + args.max_new_tokens
+    if setup.limit is not None and needed > setup.limit:
+        raise UserError(
+            f"--prompt: {len(prompt_ids)} prompt tokens + --max-new-tokens {args.max_new_tokens} "
+            f"= {needed} is more than the model's limit of {setup.limit} positions"
+        )
+    return prompt_ids
+
+
+def messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [*system, {"role": "user", "content": args.prompt}]
+
+
+def load_weights(setup: GenerationSetup, adaptor: str | None, device: str) -> Any:
+    """The model (with the adaptor applied), in eval mode on `device`."""
+    from transformers import AutoModelForMaskedLM
+
+    from . import models  # noqa: F401  (native LLaDA/Dream classes)
+
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForMaskedLM.from_pretrained(model_path, dtype=dtype)
+    model = AutoModelForMaskedLM.from_pretrained(setup.model_path, dtype=dtype)
     if adaptor:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adaptor)
-    return model.to(device).eval(), tokenizer, ids, default_method(family)
+    return model.to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model, tokenizer, ids, method = load_for_generation(args.model, args.adaptor, args.device)
-        algorithm = args.algorithm or "low_confidence"  # Dream reads it as maskgit_plus
+        check_arguments(args)
+        setup = prepare_generation(args.model, args.adaptor)
+        prompt_ids = check_against_model(args, setup)
+        model = load_weights(setup, args.adaptor, args.device)
         config = SamplingConfig(
             max_new_tokens=args.max_new_tokens,
             steps=args.steps or args.max_new_tokens,
             block_size=min(args.block_size, args.max_new_tokens),
             temperature=args.temperature,
-            algorithm=algorithm,
+            algorithm=args.algorithm or "low_confidence",  # Dream reads it as maskgit_plus
             seed=args.seed,
         )
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}
-        ]
-        print(answer(model, tokenizer, ids, method, messages, config))
-    except Exception as e:  # one clear line, non-zero exit
+        print(answer_ids(model, setup.tokenizer, setup.ids, setup.method, prompt_ids, config))
+    except UserError as e:  # one clear line, non-zero exit
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        traceback.print_exc()
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0

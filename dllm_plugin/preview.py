@@ -46,6 +46,14 @@ def sampling_config(max_new_tokens: int, seed: int = 0) -> SamplingConfig:
     )
 
 
+def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat-formatted prompt, up to and including the assistant's generation prompt."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(
+        prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    )
+
+
 def answer(
     model: Any,
     tokenizer: Any,
@@ -55,10 +63,18 @@ def answer(
     config: SamplingConfig,
 ) -> str:
     """Generate the assistant's answer to `messages` with the family's sampler."""
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    prompt_ids = list(
-        prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
-    )
+    return answer_ids(model, tokenizer, ids, method, prompt_token_ids(tokenizer, messages), config)
+
+
+def answer_ids(
+    model: Any,
+    tokenizer: Any,
+    ids: TokenIds,
+    method: Method,
+    prompt_ids: list[int],
+    config: SamplingConfig,
+) -> str:
+    """The decoded answer to an already tokenised prompt."""
     tokens = method.sampler_function()(
         model,
         [prompt_ids],

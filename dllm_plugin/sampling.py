@@ -252,6 +252,9 @@ def generate_mdlm(
     return outputs
 
 
+generate_mdlm.algorithms = MDLM_ALGORITHMS
+
+
 # --------------------------------------------------------------------------- Dream
 
 
@@ -373,3 +376,6 @@ def generate_dream(
             )
             outputs.append(clean_generation(raw, mask_id=mask_id, stop_ids=stop_ids, pad_id=pad_id))
     return outputs
+
+
+generate_dream.algorithms = DREAM_ALGORITHMS + tuple(_DREAM_ALIASES)
