@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from . import signals
 from .config import build_job_config, read_input_file
 from .errors import UserError
+from .jobdir import JobFolder, lock_output_dir
 
 if TYPE_CHECKING:
     from .hosts import Host
@@ -76,32 +77,38 @@ def run_cli(argv: list[str] | None = None) -> int:
     input_file = Path(args.input_file) if args.input_file else DEMO_JOB
     if not args.input_file:
         logger.info("no --input_file: running the embedded demo (%s)", DEMO_JOB)
+    folder: JobFolder | None = None
     try:
         raw, experiment = read_input_file(input_file)
         if args.job_id and "job_id" not in raw:
             raw = {**raw, "job_id": args.job_id}
         cfg = build_job_config(raw, experiment, source_dir=input_file.resolve().parent)
-        from .launch import host_for_this_process, maybe_relaunch
+        from .launch import host_for_this_process, maybe_relaunch, owns_output_dir
+        from .run import check_job, run_job
 
+        check_job(cfg, host)  # nothing is written before this passes
+        if owns_output_dir(cfg, args):
+            folder = lock_output_dir(Path(cfg.output_dir))
+            folder.running(cfg.to_dict())
         launched = maybe_relaunch(cfg, input_file, args)
         if launched is not None:  # this process only supervised the training processes
             if launched.returncode != 0:
-                return _failed(host, launched.reason)
+                return _failed(host, launched.reason, folder)
             return 0
         host = host_for_this_process(host)  # ranks other than 0 never update the host
         host.running()
-        from .run import run_job
-
         summary = run_job(cfg, host)
     except UserError as e:  # the user can fix it: one line, no traceback
-        return _failed(host, str(e))
+        return _failed(host, str(e), folder)
     except KeyboardInterrupt as e:
-        return _failed(
-            host, f"interrupted ({str(e) or 'KeyboardInterrupt'}) before the job finished"
-        )
+        reason = f"interrupted ({str(e) or 'KeyboardInterrupt'}) before the job finished"
+        return _failed(host, reason, folder)
     except Exception as e:  # a bug or the environment: keep the traceback for the log
         traceback.print_exc()
-        return _failed(host, f"{type(e).__name__}: {e}")
+        return _failed(host, f"{type(e).__name__}: {e}", folder)
+    finally:
+        if folder is not None:
+            folder.release()
     if summary["status"] == "stopped":
         host.stopped(summary)
         logger.info(
@@ -114,14 +121,16 @@ def run_cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _failed(host: Host, reason: str) -> int:
-    """Tell the launcher (in a launched child) and the host; the reason is the last line
-    of stdout and of stderr."""
+def _failed(host: Host, reason: str, folder: JobFolder | None) -> int:
+    """Tell the launcher (in a launched child), the output folder's run summary and the
+    host; the reason is the last line of stdout and of stderr."""
     from .launch import record_failure
 
     line = f"FAILED: {one_line(reason)}"
     record_failure(reason)
     try:
+        if folder is not None:
+            folder.failed(one_line(reason))
         host.fail(reason)
     finally:
         sys.stdout.flush()

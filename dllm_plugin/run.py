@@ -10,24 +10,26 @@ from typing import Any
 
 import torch
 
-from .atomic import write_json
 from .callbacks import HostCallback, StopSignals, use_loss_progress_bar
 from .config import JobConfig, looks_like_path, resolve_path
 from .data.sft import TokenizeOptions, build_sft_dataset, split_train_eval
 from .data.sources import FILE_KINDS, line_limit, load_local_dataset, load_named_dataset
 from .data.templates import RowTemplates
+from .destinations import Destination, check_destinations, planned_destinations
 from .errors import ConfigError, DataError
 from .hosts import Host
+from .jobdir import write_summary
 from .methods import Method, check_method_options, resolve_method
 from .models.families import (
     TokenIds,
     detect_family,
     load_tokenizer,
+    position_limit,
     prepare_tokenizer,
     read_model_config,
 )
 from .models.loading import LoadOptions, load_model, resolve_model_path
-from .outputs import make_output_dir, planned_output, save_outputs
+from .outputs import save_outputs
 from .plots import plot_loss_curves
 from .preview import (
     PreviewCallback,
@@ -58,15 +60,34 @@ class Prepared:
     preview_prompts: list[PreviewPrompt]
 
 
-def prepare(cfg: JobConfig, host: Host) -> Prepared:
-    """Family, method, tokenizer and tokenised data: every check that needs no weights."""
+def check_job(cfg: JobConfig, host: Host) -> list[Destination]:
+    """Every check that needs neither data nor weights nor a write, before the job takes
+    its output folder: devices, names, and where the models will go."""
+    check_device(cfg)
+    model_path = resolve_model(cfg)
+    planned = planned_destinations(cfg, host.models_dir())
+    dataset = resolve_path(cfg.dataset_name, cfg.source_dir) if cfg.dataset_name else None
+    protected = {
+        "base model": Path(model_path) if Path(model_path).exists() else None,
+        "dataset": dataset if dataset is not None and dataset.exists() else None,
+        "output_dir": Path(cfg.output_dir),
+    }
+    check_destinations(planned, protected, protected["base model"])
+    return planned
+
+
+def resolve_model(cfg: JobConfig) -> str:
+    """A local folder (relative paths against the job file's folder first), an offline
+    package model, or the hub id as given."""
     if not cfg.model_name:
         raise ConfigError("model_name: required (a hub id or a local model folder)")
-    model_path = resolve_model_path(
-        str(resolve_path(cfg.model_name, cfg.source_dir))
-        if _is_local(cfg.model_name, cfg)
-        else cfg.model_name
-    )
+    local = resolve_path(cfg.model_name, cfg.source_dir)
+    return resolve_model_path(str(local) if local.exists() else cfg.model_name)
+
+
+def prepare(cfg: JobConfig, host: Host) -> Prepared:
+    """Family, method, tokenizer and tokenised data: every check that needs no weights."""
+    model_path = resolve_model(cfg)
     model_config = read_model_config(model_path)
     family = detect_family(model_config)
     method = resolve_method(cfg.training_method, family, cfg.model_name)
@@ -74,12 +95,16 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     logger.info("model %s: %s family, training method %s", cfg.model_name, family, method.name)
     tokenizer = load_tokenizer(model_path, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
+    max_length = clamp_max_length(cfg.max_length, position_limit(model_config, family))
     rows = load_rows(cfg, host)
     train_rows, eval_rows = split_train_eval(rows, cfg.eval_split_ratio, cfg.seed)
     templates = RowTemplates(
-        cfg.input_template or "", cfg.output_template or "", cfg.instruction_template or ""
+        cfg.input_template or "",
+        cfg.output_template or "",
+        cfg.instruction_template or "",
+        max_chars=line_limit(max_length),
     )
-    opts = TokenizeOptions(cfg.max_length, cfg.truncation, cfg.mask_prompt_loss)
+    opts = TokenizeOptions(max_length, cfg.truncation, cfg.mask_prompt_loss)
     train = build_sft_dataset(
         train_rows, tokenizer, templates, opts, cfg.num_proc, "train", keep_messages=True
     )
@@ -104,8 +129,18 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     )
 
 
-def _is_local(name: str, cfg: JobConfig) -> bool:
-    return resolve_path(name, cfg.source_dir).exists()
+def clamp_max_length(max_length: int, limit: int | None) -> int:
+    """max_length, or the model's position limit when it is lower (one warning line): the
+    manifest's default 1024 must work on 512-position BERT models."""
+    if limit is None or max_length <= limit:
+        return max_length
+    logger.warning(
+        "max_length %d is more than this model's %d positions: using max_length %d",
+        max_length,
+        limit,
+        limit,
+    )
+    return limit
 
 
 def load_rows(cfg: JobConfig, host: Host) -> Any:
@@ -163,14 +198,17 @@ def build_trainer(cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: 
 
 
 def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
-    """Train, evaluate, save; return the run summary (also written to output_dir)."""
+    """Train, evaluate, save; return the run summary (rank 0 also writes it to output_dir).
+
+    The caller has run `check_job` and, in the process that owns the job, claimed
+    output_dir (jobdir.py); a failure here is recorded there.
+    """
     started = time.time()
     output_dir = Path(cfg.output_dir)
-    check_device(cfg)
     host.configure(cfg)
-    logger.info("the trained model will be saved to %s", planned_output(cfg, host.models_dir()))
+    for dest in planned_destinations(cfg, host.models_dir()):
+        logger.info("the trained %s will be saved to %s", dest.kind, dest.path)
     prep = prepare(cfg, host)
-    make_output_dir(output_dir)
     loaded = load_model(prep.model_path, prep.family, load_options(cfg))
     stop = StopSignals()
     trainer = build_trainer(cfg, prep, loaded.model, host, stop)
@@ -207,7 +245,7 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
         else:
             summary["checkpoint"] = str(latest_checkpoint(output_dir))
         summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
-        write_json(output_dir / "run_summary.json", summary)
+        write_summary(output_dir, summary)
     return summary
 
 
@@ -241,6 +279,7 @@ def load_options(cfg: JobConfig) -> LoadOptions:
         lora_dropout=cfg.lora_dropout,
         lora_target_modules=cfg.lora_target_modules,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
     )
 
 

@@ -151,4 +151,7 @@ def test_child_failure_fails_the_parent_with_the_childs_reason(
     line = last_line(proc.stdout)
     assert line.startswith("FAILED: rank "), proc.stdout[-4000:]
     assert "dataset_name" in line and "no_such_rows.jsonl" in line and "does not exist" in line
-    assert not (tmp_path / "bad" / "out" / "run_summary.json").exists()
+    out = tmp_path / "bad" / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["run_summary.json"]  # lock released
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "failed" and "no_such_rows.jsonl" in summary["reason"]

@@ -11,21 +11,29 @@ import pytest
 import dllm_plugin.atomic as atomic
 from dllm_plugin.atomic import write_json
 from dllm_plugin.config import build_job_config
-from dllm_plugin.errors import ConfigError
-from dllm_plugin.outputs import (
+from dllm_plugin.destinations import (
+    MARKER,
     adaptor_dir,
     full_model_dir,
-    host_model_record,
     model_short_name,
-    planned_output,
+    planned_destinations,
     safe_name,
-    save_model_folder,
 )
+from dllm_plugin.errors import ConfigError
+from dllm_plugin.outputs import host_model_record, save_model_folder
+
+CFG = build_job_config({"model_name": "m", "adaptor_name": "a"})
+
+
+def save(dest: Path, write) -> Path:
+    return save_model_folder(dest, write, "model", CFG)
 
 
 def old_folder(parent: Path) -> Path:
+    """A model folder an earlier run of ours wrote (config, weights, record)."""
     dest = parent / "models" / "tiny_sums"
     dest.mkdir(parents=True)
+    (dest / "config.json").write_text("{}")
     (dest / "model.safetensors").write_text("old weights")
     (dest / "index.json").write_text("old record")
     return dest
@@ -44,7 +52,7 @@ def test_failure_while_writing_keeps_the_old_folder_and_no_temporaries(tmp_path)
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save_model_folder(dest, write)
+        save(dest, write)
     assert contents(dest) == before
     assert os.listdir(dest.parent) == ["tiny_sums"]
 
@@ -61,7 +69,7 @@ def test_failure_of_the_final_rename_puts_the_old_folder_back(tmp_path, monkeypa
 
     monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="rename failed"):
-        save_model_folder(dest, lambda tmp: (tmp / "model.safetensors").write_text("new"))
+        save(dest, lambda tmp: (tmp / "model.safetensors").write_text("new"))
     assert contents(dest) == before
     assert os.listdir(dest.parent) == ["tiny_sums"]
 
@@ -69,8 +77,9 @@ def test_failure_of_the_final_rename_puts_the_old_folder_back(tmp_path, monkeypa
 def test_success_replaces_the_whole_folder(tmp_path):
     dest = old_folder(tmp_path)
     (dest / "stale-shard.safetensors").write_text("from the old model")
-    save_model_folder(dest, lambda tmp: (tmp / "model.safetensors").write_text("new weights"))
-    assert contents(dest) == {"model.safetensors": "new weights"}
+    save(dest, lambda tmp: (tmp / "model.safetensors").write_text("new weights"))
+    assert contents(dest).keys() == {"model.safetensors", MARKER}
+    assert contents(dest)["model.safetensors"] == "new weights"
     assert os.listdir(dest.parent) == ["tiny_sums"]
 
 
@@ -128,7 +137,7 @@ def test_names_with_nothing_usable_fail_before_training(tmp_path):
         {"adaptor_name": "../..", "model_name": "m", "output_dir": str(tmp_path)}
     )
     with pytest.raises(ConfigError, match="adaptor_name"):
-        planned_output(cfg, None)
+        planned_destinations(cfg, None)
 
 
 def test_model_short_name_and_record():

@@ -118,7 +118,10 @@ def final_weights(out: Path, model: Path) -> dict:
     return load_file(out / "models" / f"{model.name}_colours" / "model.safetensors")
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_bert_dir):
+@pytest.mark.parametrize("model", ["tiny_bert_dir", "minilm_path"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, request, model):
+    """Also on MiniLM, whose checkpoint lacks the MLM head (initialised from the seed)."""
+    tiny_bert_dir = request.getfixturevalue(model)
     straight_out, killed_out = tmp_path / "straight", tmp_path / "killed"
     straight = run_main(write_job(tmp_path, tiny_bert_dir, straight_out), tmp_path)
     assert straight.returncode == 0, straight.stdout[-3000:]

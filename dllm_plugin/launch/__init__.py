@@ -37,6 +37,7 @@ __all__ = [
     "LaunchResult",
     "host_for_this_process",
     "maybe_relaunch",
+    "owns_output_dir",
     "plan_launch",
     "record_failure",
 ]
@@ -72,6 +73,15 @@ def already_launched(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "launched_with_accelerate", False)) or any(
         name in os.environ for name in DIST_ENV_VARS
     )
+
+
+def owns_output_dir(cfg: JobConfig, args: argparse.Namespace) -> bool:
+    """Whether this process claims output_dir (lock, run summary): the single training
+    process or our launcher on machine 0, or rank 0 when another launcher started us;
+    never a process our launcher started (its launcher holds the claim)."""
+    if launched_by_us() or os.environ.get("RANK", "0") != "0":
+        return False
+    return already_launched(args) or cfg.machine_rank == 0
 
 
 def host_for_this_process(host: Host) -> Host:

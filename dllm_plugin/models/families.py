@@ -162,6 +162,23 @@ def detect_family(config: dict[str, Any]) -> str:
     )
 
 
+# model_type -> positions a padding offset takes from max_position_embeddings (RoBERTa
+# numbers positions from padding_idx + 1).
+_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+def position_limit(config: dict[str, Any], family: str) -> int | None:
+    """The longest token sequence the model can take, or None when its config sets none.
+
+    Dream reserves one position for the BOS its trainer may prepend.
+    """
+    limit = config.get("max_position_embeddings") or config.get("max_sequence_length")
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    limit -= _POSITION_OFFSET.get(str(config.get("model_type", "")).lower(), 0)
+    return limit - 1 if family == "dream" else limit
+
+
 @dataclass
 class TokenIds:
     """The special ids the collators, trainers and samplers need."""

@@ -53,6 +53,7 @@ class LoadOptions:
     lora_dropout: float = 0.05
     lora_target_modules: str = "auto"
     gradient_checkpointing: bool = False
+    seed: int = 0  # seeds the weights the checkpoint lacks (e.g. a fresh MLM head)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LoadedModel:
 
 def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
     """The model ready for the Trainer (peft-wrapped when lora)."""
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM, set_seed
 
     from . import dream, llada  # noqa: F401  (register the native classes)
 
@@ -77,6 +78,9 @@ def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
         kwargs["dtype"] = torch.float32
     if opts.load_in_4bit:
         kwargs["quantization_config"] = _bnb_config(family, opts)
+    # Weights the checkpoint lacks are initialised from the global RNG: seed it from the
+    # job, so one job file gives the same model on every run and every process.
+    set_seed(opts.seed)
     model, info = AutoModelForMaskedLM.from_pretrained(
         model_path, output_loading_info=True, trust_remote_code=False, **kwargs
     )
