@@ -155,8 +155,12 @@ def test_stop_request_checkpoints_and_a_new_job_resumes(workspace, tiny_bert_dir
     assert values == sorted(values) and values[1] == 62  # continued from 50 %, not from 0
 
 
-def test_wandb_without_api_key_warns_once_and_finishes_offline(workspace, tiny_bert_dir, tmp_path):
-    """No key, no WANDB_MODE, no netrc: offline W&B, files under WANDB_DIR, no network."""
+@pytest.mark.parametrize("users_dir", [True, False], ids=["WANDB_DIR-set", "WANDB_DIR-unset"])
+def test_wandb_without_api_key_warns_once_and_finishes_offline(
+    workspace, tiny_bert_dir, tmp_path, users_dir
+):
+    """No key, no WANDB_MODE, no netrc: offline W&B, no network; files under the user's
+    WANDB_DIR, else under output_dir (never the host's working directory)."""
     home, wandb_dir = tmp_path / "home", tmp_path / "wandb"
     home.mkdir()
     wandb_dir.mkdir()
@@ -167,7 +171,7 @@ def test_wandb_without_api_key_warns_once_and_finishes_offline(workspace, tiny_b
         NETRC=None,
         WANDB_DISABLED=None,
         HOME=str(home),
-        WANDB_DIR=str(wandb_dir),
+        WANDB_DIR=str(wandb_dir) if users_dir else None,
         WANDB_CONFIG_DIR=None,
         WANDB_CACHE_DIR=None,
         WANDB_BASE_URL=f"http://127.0.0.1:{server.getsockname()[1]}",
@@ -187,7 +191,9 @@ def test_wandb_without_api_key_warns_once_and_finishes_offline(workspace, tiny_b
     assert run.job["status"] == "COMPLETE" and run.job_data["completion_status"] == "success"
     warnings = [line for line in run.output.splitlines() if "log_to_wandb:" in line]
     assert len(warnings) == 1 and "no W&B API key" in warnings[0]
-    assert list(wandb_dir.glob("wandb/offline-run-*")), sorted(p.name for p in wandb_dir.rglob("*"))
+    expected = wandb_dir if users_dir else Path(config["output_dir"])
+    assert list(expected.glob("wandb/offline-run-*")), sorted(p.name for p in tmp_path.rglob("*"))
+    assert not list((workspace.parent / "host_api").glob("wandb")), "W&B wrote into the cwd"
     assert connections == [], "offline W&B contacted the W&B server"
 
 
