@@ -386,3 +386,28 @@ def test_registry_rows_build_every_size() -> None:
     assert len(plan_runs(PLANS["default"], ("llada",), can_4bit=True)) == 1 + 2 * len(
         PLANS["default"].modes
     )
+
+
+def test_imports_nothing_beyond_torch_transformers_peft_accelerate(tmp_path) -> None:
+    """A bare GPU environment: importing the command adds only our own modules and stdlib."""
+    probe = """
+import sys
+import torch, transformers, peft, accelerate
+from transformers import AutoModelForMaskedLM, Trainer, TrainingArguments
+try:
+    import bitsandbytes
+except Exception:
+    pass
+before = set(sys.modules)
+from dllm_plugin.gpu_check import __main__, data_parallel, suite
+new = {n.split(".")[0] for n in set(sys.modules) - before}
+third = sorted(n for n in new if "-packages" in (getattr(sys.modules.get(n), "__file__", None) or ""))
+print("THIRD", third)
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("THIRD"))
+    assert line == "THIRD []"

@@ -51,9 +51,8 @@ __all__ = [
 ]
 
 MAX_ERROR = 0.15  # the largest relative error allowed on a measured peak
-NF4_BYTES = (
-    0.5 + 1 / 64 + 4 / (64 * 256)
-)  # packed 4-bit, uint8 absmax per 64, fp32 per 256 of those
+# NF4 with double quantisation: 4 bits, a uint8 absmax per 64 weights, an fp32 per 256 of those.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 ADAMW_STATES = 2  # per trainable weight: AdamW's exp_avg and exp_avg_sq
 MAX_BATCH = 1024  # the search stops here
 LENGTHS = (256, 512, 1024, 2048, 4096)

@@ -84,6 +84,7 @@ class RunResult:
     tokens_per_s: float | None = None
     step_flops: float | None = None
     mfu: float | None = None
+    seconds: float = 0.0  # the whole run: loading, Trainer set-up, steps
     error: str | None = None
 
     @property
@@ -238,6 +239,7 @@ def run_once(
         run.key, run.workload.family, run.size, run.mode.name, shape.layers, shape.hidden
     )
     result.phases = phases_of(plan, run.size)
+    started = time.perf_counter()
     meter = make_meter(device)
     meter.run_begin()
     trainer = loaded = None
@@ -272,6 +274,7 @@ def run_once(
     finally:
         del trainer, loaded
         meter.run_begin()  # frees what the run held before the next one starts
+    result.seconds = time.perf_counter() - started
     return result
 
 

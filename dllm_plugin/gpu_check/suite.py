@@ -7,6 +7,7 @@ prints tables (report.py does); progress goes to stderr, one line per run.
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 import time
@@ -20,7 +21,15 @@ import torch
 from .checks import Check, launcher_check, memory_check, precision_check, run_checks
 from .data_parallel import LauncherRun, launcher_checks, strategies_available
 from .measure import matmul_peak
-from .memory_model import Fit, Point, fit_points, largest_batch, plan_lengths, static_memory
+from .memory_model import (
+    Fit,
+    Point,
+    StaticMemory,
+    fit_points,
+    largest_batch,
+    plan_lengths,
+    static_memory,
+)
 from .runner import RunResult, build_model_folder, quiet_transformers, run_once
 from .workloads import MODES, WORKLOADS, Plan, RunPlan, plan_runs
 
@@ -91,6 +100,7 @@ def environment() -> dict[str, str]:
 def memory_budget(device: torch.device) -> tuple[float, float]:
     """(total, budget) bytes: budget = BUDGET_SHARE of what is free now."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # what this process cached is free for a training job
         free, total = torch.cuda.mem_get_info(device)
         return float(total), BUDGET_SHARE * free
     info = {}
@@ -130,20 +140,18 @@ def run_device(
     report = DeviceReport(
         str(device), device_name(device), plan.name, total, budget, peak, environment()
     )
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        report.checks.append(
+            Check("bf16 on this GPU", False, "not supported: the checked modes train in bf16")
+        )
+        return report
     no_4bit = four_bit_support(device)
     if no_4bit is not None and any(MODES[m].load_in_4bit for m in plan.modes):
         report.checks.append(Check("4-bit LoRA runs", None, f"skipped: {no_4bit}"))
     runs = plan_runs(plan, families, can_4bit=no_4bit is None)
     with quiet_transformers():
-        for i, run in enumerate(runs, 1):
-            result = too_big(run, budget)
-            if result is None:
-                folder = build_model_folder(run.workload, run.size, models_dir, device)
-                result = run_once(run, folder, plan, device, peak["flops_per_s"])
-            report.runs.append(result)
-            status = "ok" if result.error is None else f"FAILED: {result.error}"
-            status = f"skipped: {result.skipped}" if result.skipped else status
-            print(f"[{i}/{len(runs)}] {run.key}: {status}", file=sys.stderr, flush=True)
+        report.runs = train_all(runs, plan, device, models_dir, peak["flops_per_s"], budget)
+        for run, result in zip(runs, report.runs, strict=True):
             report.checks += run_checks(result, run.mode.score_masked_only)
         report.checks += precision_checks(report.runs)
         report.fits = fit_memory(runs, report.runs)
@@ -153,9 +161,42 @@ def run_device(
     return report
 
 
+def train_all(
+    runs: list[RunPlan],
+    plan: Plan,
+    device: torch.device,
+    models_dir: Path,
+    peak_flops: float,
+    budget: float,
+) -> list[RunResult]:
+    """Every run in turn (one line of progress each on stderr); too big ones skipped."""
+    results = []
+    for i, run in enumerate(runs, 1):
+        result = too_big(run, budget)
+        if result is None:
+            folder = build_model_folder(run.workload, run.size, models_dir, device)
+            result = run_once(run, folder, plan, device, peak_flops)
+        results.append(result)
+        status = "ok" if result.error is None else f"FAILED: {result.error}"
+        status = f"skipped: {result.skipped}" if result.skipped else status
+        print(
+            f"[{i}/{len(runs)}] {run.key}: {status} ({result.seconds:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
+
+
+@functools.cache
+def run_static(family: str, size: str, mode: str) -> StaticMemory:
+    """static_memory of a registry size (a meta-device build: cached, LoRA on 8B takes 2 s)."""
+    workload = WORKLOADS[family]
+    return static_memory(workload, workload.config(size), MODES[mode])
+
+
 def too_big(run: RunPlan, budget: float) -> RunResult | None:
     """A skipped result when weights, gradients and AdamW states alone exceed the budget."""
-    static = static_memory(run.workload, run.workload.config(run.size), run.mode)
+    static = run_static(run.workload.family, run.size, run.mode.name)
     need = static.fixed + static.gradient_bytes
     if need <= budget:
         return None
@@ -188,7 +229,7 @@ def fit_memory(runs: list[RunPlan], results: list[RunResult]) -> dict[str, Fit |
         points.setdefault(key, [])
         if result.error is not None or result.skipped is not None:
             continue
-        static = static_memory(run.workload, run.workload.config(run.size), run.mode)
+        static = run_static(run.workload.family, run.size, run.mode.name)
         for phase in result.phases:
             if phase.peak_bytes is not None:
                 points[key].append(
