@@ -267,7 +267,6 @@ class Plan:
     learning_rate: float = 1e-4
     lora_lr_factor: float = 10.0  # LoRA trains few weights from zero: the usual 10x rate
     matmul_size: int = 8192
-    families: tuple[str, ...] = field(default_factory=lambda: tuple(WORKLOADS))
 
 
 PLANS: dict[str, Plan] = {
