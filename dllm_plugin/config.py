@@ -15,12 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .methods import AUTO, METHODS, check_method_options
+
+if TYPE_CHECKING:
+    import jsonschema
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +232,8 @@ def build_job_config(
         logger.warning(
             "ignoring config keys this plugin does not use: %s", ", ".join(sorted(unknown))
         )
+
+    import jsonschema  # here, not at import: the machine check reads the manifest without it
 
     schema = {"type": "object", "properties": {**schemas, **HOST_FIELDS}}
     validator = jsonschema.Draft7Validator(schema)

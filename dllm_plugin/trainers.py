@@ -8,6 +8,7 @@ recipe of docs/architecture.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -116,6 +117,19 @@ class MDLMTrainer(Trainer):
     def collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator:
         """The batch collator this method trains with."""
         return MDLMCollator(pad_token_id=pad_token_id)
+
+    def autocast_smart_context_manager(
+        self, cache_enabled: bool | None = True
+    ) -> contextlib.AbstractContextManager:
+        """The whole loss under the mixed-precision autocast, not only the model's forward.
+
+        transformers 5 leaves autocast to accelerate, which wraps only `model.forward`.
+        The loss runs the vocabulary head itself (masked rows, chunked CE) and the head
+        probe compares that against the forward's logits: both must see the dtype the
+        forward's head saw, or bf16/fp16 runs would fail the probe and fall back to full
+        logits, and the chunked head would multiply in fp32.
+        """
+        return self.accelerator.autocast()
 
     # ---- the loss ----------------------------------------------------------------
     def compute_loss(

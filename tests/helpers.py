@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dllm_plugin.gpu_check.tokenizer import char_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 
@@ -72,29 +74,6 @@ DREAM_SPECIALS = {
     "<|beginoftext|>": 253,
     "<|mask|>": 254,
 }
-
-
-def char_tokenizer(specials: dict[str, int], **special_attrs):
-    """A character-level fast tokenizer whose special tokens sit at the given ids.
-
-    The fixtures have a 256-token vocabulary and no tokenizer; this one fits it, so the
-    real chat-template, masking and sampling code runs against them.
-    """
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0}
-    for ch in " \n" + string.ascii_letters + string.digits + string.punctuation:
-        vocab[ch] = len(vocab)
-    assert max(vocab.values()) < min(specials.values())
-    vocab.update(specials)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(list(specials))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **special_attrs)
 
 
 def fixture_model_dir(name: str, dest: Path) -> Path:

@@ -60,6 +60,24 @@ def swapped_head(model: nn.Module, head: nn.Module) -> Iterator[list[torch.Tenso
         setattr(parent, name, head)
 
 
+def is_head_input(seen: torch.Tensor, returned: torch.Tensor) -> bool:
+    """True if the model returned what the stand-in head passed through, unchanged.
+
+    DDP with find_unused_parameters returns a clone (equal, not `is`); accelerate's
+    mixed-precision wrapper returns a bf16/fp16 output upcast to fp32 (exact, so equal
+    after the same cast).
+    """
+    if seen is returned:
+        return True
+    if seen.shape != returned.shape:
+        return False
+    if seen.dtype != returned.dtype:
+        if returned.dtype != torch.float32 or seen.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        seen = seen.to(returned.dtype)
+    return torch.equal(seen, returned)
+
+
 def _probe(unwrapped: nn.Module, head: nn.Linear, input_ids: torch.Tensor) -> str | None:
     """None if the model's logits equal head(head input) on a tiny forward, else why not.
 
@@ -73,7 +91,7 @@ def _probe(unwrapped: nn.Module, head: nn.Linear, input_ids: torch.Tensor) -> st
             full = unwrapped(input_ids=ids).logits
             with swapped_head(unwrapped, head) as seen:
                 hidden = unwrapped(input_ids=ids).logits
-            if len(seen) != 1 or seen[0] is not hidden:
+            if len(seen) != 1 or not is_head_input(seen[0], hidden):
                 return "the model does not return its head's output unchanged"
             separate = head(hidden)
     except Exception as e:  # e.g. the forward reads the head's weight directly
@@ -172,10 +190,7 @@ def score_masked(
         return full_logits_cross_entropy(picked, targets, token_scale)
     with swapped_head(model, head) as head_inputs:
         hidden = model(input_ids=noised).logits
-    # DDP with find_unused_parameters returns a clone of the output: equal, not `is`.
-    if len(head_inputs) != 1 or not (
-        head_inputs[0] is hidden or torch.equal(head_inputs[0], hidden)
-    ):
+    if len(head_inputs) != 1 or not is_head_input(head_inputs[0], hidden):
         raise RuntimeError(
             "score_masked_only: the model's output is not its head's input although the "
             "first check passed; set score_masked_only to false"

@@ -97,7 +97,7 @@ def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets: list[str] = []
     if opts.lora:
-        model, targets = _wrap_lora(model, family, opts, fresh)
+        model, targets = wrap_lora(model, family, opts, fresh)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -128,9 +128,10 @@ def fresh_modules(model: Any, missing_keys: list[str]) -> list[str]:
     return sorted(found)
 
 
-def _wrap_lora(
+def wrap_lora(
     model: Any, family: str, opts: LoadOptions, fresh: list[str]
 ) -> tuple[Any, list[str]]:
+    """The model under a peft LoRA wrapper (fresh head modules trained in full); its targets."""
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_lora_targets(model, family, opts.lora_target_modules, exclude=set(fresh))
