@@ -60,12 +60,13 @@ def run_checks(result: RunResult, masked_only: bool) -> list[Check]:
     if not result.nlls or not all(math.isfinite(v) for v in values):
         return [Check(f"{name}: trains", False, f"non-finite loss or NLL: {values}")]
     timed = [result.nlls[i] for i in phase_steps(result)[0] if i < len(result.nlls)]
-    first, last = timed[0], timed[-1]
+    before, after = result.fixed_nll if result.fixed_nll else (timed[0], timed[-1])
     checks = [
         Check(
             f"{name}: loss finite and falling",
-            last < first,
-            f"NLL per masked token {first:.4f} -> {last:.4f} over {len(timed)} steps",
+            math.isfinite(after) and after < before,
+            f"NLL per masked token on the first batch, fixed noise: {before:.4f} -> {after:.4f} "
+            f"after {len(timed)} steps",
         )
     ]
     if masked_only:

@@ -52,7 +52,7 @@ def runs_table(report: DeviceReport) -> str:
             why = f"FAILED: {r.error}" if r.error is not None else f"skipped: {r.skipped}"
             rows.append([r.family, r.size, r.mode, *["-"] * 6, why])
             continue
-        nll = f"{r.nlls[0]:.3f} -> {r.nlls[r.phases[0].steps - 1]:.3f}" if r.nlls else "-"
+        nll = f"{r.fixed_nll[0]:.3f} -> {r.fixed_nll[1]:.3f}" if r.fixed_nll else "-"
         rows.append(
             [
                 r.family,
@@ -68,7 +68,7 @@ def runs_table(report: DeviceReport) -> str:
             ]  # fmt: skip
         )
     header = ["family", "size", "mode", "params", "trained", "step ms", "tokens/s", "MFU"]
-    header += ["peak mem", "NLL first -> last"]
+    header += ["peak mem", "NLL before -> after"]
     return table(header, rows, right={3, 4, 5, 6, 7, 8})
 
 

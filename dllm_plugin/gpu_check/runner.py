@@ -73,6 +73,9 @@ class RunResult:
     nlls: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     masked_rows: list[float] = field(default_factory=list)  # positions scored per step
+    # NLL per masked token of the first batch under one fixed noise draw, before and after
+    # training: each training step draws new noise, so its own NLL is too noisy to judge.
+    fixed_nll: tuple[float, float] | None = None
     step_times: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
     total_params: int = 0
@@ -257,8 +260,11 @@ def run_once(
             trainer = build_trainer(run, loaded.model, rows, device, plan, out)
             probe = StepProbe(meter)
             trainer.add_callback(probe)
+            first_batch = rows[: result.phases[0].batch]
+            before = fixed_noise_nll(trainer, first_batch)
             with meter.recording(trainer.model):
                 trainer.train()
+            result.fixed_nll = (before, fixed_noise_nll(trainer, first_batch))
         result.total_params, result.trainable_params = loaded.total_params, loaded.trainable_params
         result.weight_bytes = tensor_bytes(trainer.model)
         result.step_times, result.peaks = probe.times, list(meter.peaks)
@@ -276,6 +282,12 @@ def run_once(
         meter.run_begin()  # frees what the run held before the next one starts
     result.seconds = time.perf_counter() - started
     return result
+
+
+def fixed_noise_nll(trainer: Any, rows: list[dict]) -> float:
+    """NLL per masked token of `rows` under the evaluation noise, which is keyed by the
+    row alone: the same masks before and after training."""
+    return float(trainer.evaluate(eval_dataset=rows)["eval_nll"])
 
 
 def head_fallback(trainer: Any) -> str | None:

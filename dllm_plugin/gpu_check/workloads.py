@@ -303,6 +303,7 @@ PLANS: dict[str, Plan] = {
         length={"tiny": 64, "tiny-2": 64},
         steps=4,
         learning_rate=3e-3,
+        lora_lr_factor=1.0,  # 3e-3 is already a LoRA-sized rate; 10x overshoots tiny models
         matmul_size=512,
     ),
 }
