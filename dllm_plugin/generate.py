@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .methods import Method, default_method
+from .methods import Method, resolve_method
 from .models.families import (
     TokenIds,
     detect_family,
@@ -60,9 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_for_generation(
-    model_name: str, adaptor: str | None, device: str
+    model_name: str, adaptor: str | None, device: str, training_method: str = "auto"
 ) -> tuple[Any, Any, TokenIds, Method]:
-    """(model, tokenizer, special ids, the family's method) ready to sample."""
+    """(model, tokenizer, special ids, the method) ready to sample; `auto`: the family's."""
     from transformers import AutoModelForMaskedLM
 
     from . import models  # noqa: F401  (native LLaDA/Dream classes)
@@ -81,7 +81,12 @@ def load_for_generation(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adaptor)
-    return model.to(device).eval(), tokenizer, ids, default_method(family)
+    return (
+        model.to(device).eval(),
+        tokenizer,
+        ids,
+        resolve_method(training_method, family, model_name),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
