@@ -294,8 +294,11 @@ def cross_field_problems(params: Mapping[str, Any], host: Mapping[str, Any]) -> 
         params.get("eval_strategy") != "no"
         and params.get("sample_every_eval") is True
         and params.get("num_preview_samples") == 0
+        and params.get("eval_generate_samples") == 0
     ):
-        problems.append("sample_every_eval: true needs num_preview_samples > 0")
+        problems.append(
+            "sample_every_eval: true needs num_preview_samples > 0 or eval_generate_samples > 0"
+        )
     return problems
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .methods import Method, default_method
+from .methods import Method, resolve_method
 from .models.families import (
     TokenIds,
     detect_family,
@@ -75,8 +75,10 @@ class GenerationSetup:
     limit: int | None  # the model's position limit
 
 
-def prepare_generation(model_name: str, adaptor: str | None) -> GenerationSetup:
-    """Config, family, tokenizer and special ids (no weights)."""
+def prepare_generation(
+    model_name: str, adaptor: str | None, training_method: str = "auto"
+) -> GenerationSetup:
+    """Config, family, tokenizer, special ids and the method (`auto`: the family's); no weights."""
     model_path = resolve_model_path(model_name)
     model_config = read_model_config(model_path)
     family = detect_family(model_config)
@@ -90,7 +92,8 @@ def prepare_generation(model_name: str, adaptor: str | None) -> GenerationSetup:
     tokenizer = load_tokenizer(tokenizer_source, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
     limit = position_limit(model_config, family)
-    return GenerationSetup(model_path, family, default_method(family), tokenizer, ids, limit)
+    method = resolve_method(training_method, family, model_name)
+    return GenerationSetup(model_path, family, method, tokenizer, ids, limit)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -146,6 +149,15 @@ def load_weights(setup: GenerationSetup, adaptor: str | None, device: str) -> An
 
         model = PeftModel.from_pretrained(model, adaptor)
     return model.to(device).eval()
+
+
+def load_for_generation(
+    model_name: str, adaptor: str | None, device: str, training_method: str = "auto"
+) -> tuple[Any, Any, TokenIds, Method]:
+    """(model, tokenizer, special ids, the method) ready to sample."""
+    setup = prepare_generation(model_name, adaptor, training_method)
+    model = load_weights(setup, adaptor, device)
+    return model, setup.tokenizer, setup.ids, setup.method
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from .data.sources import FILE_KINDS, line_limit, load_local_dataset, load_named
 from .data.templates import RowTemplates
 from .destinations import Destination, check_destinations, planned_destinations
 from .errors import ConfigError, DataError
+from .evaluation import lm_eval_tasks
+from .evaluation.held_out import HeldOutEvaluation
 from .hosts import Host
 from .jobdir import write_summary
 from .methods import Method, check_method_options, resolve_method
@@ -160,8 +162,15 @@ def load_rows(cfg: JobConfig, host: Host) -> Any:
     return load_named_dataset(cfg.dataset_name)
 
 
-def build_trainer(cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: StopSignals) -> Any:
-    """The method's Trainer with its collator and callbacks."""
+def build_trainer(
+    cfg: JobConfig,
+    prep: Prepared,
+    model: Any,
+    host: Host,
+    stop: StopSignals,
+    held_out: HeldOutEvaluation | None = None,
+) -> Any:
+    """The method's Trainer with its collator, callbacks and held-out evaluation."""
     args = training_arguments(
         cfg, prep.method, has_eval=prep.eval is not None, inside_host=host.inside_host
     )
@@ -189,6 +198,7 @@ def build_trainer(cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: 
         processing_class=prep.tokenizer,
         mask_token_id=prep.ids.mask_id,
         bos_token_id=prep.ids.bos_id,
+        held_out=held_out,
         callbacks=[HostCallback(host, stop), *previews],
     )
     use_loss_progress_bar(trainer)
@@ -209,18 +219,21 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
     for dest in planned_destinations(cfg, host.models_dir()):
         logger.info("the trained %s will be saved to %s", dest.kind, dest.path)
     prep = prepare(cfg, host)
+    tasks = lm_eval_tasks.plan(cfg)  # checked before any weight is loaded
     loaded = load_model(prep.model_path, prep.family, load_options(cfg))
     stop = StopSignals()
-    trainer = build_trainer(cfg, prep, loaded.model, host, stop)
+    held_out = HeldOutEvaluation.for_job(cfg, prep)
+    trainer = build_trainer(cfg, prep, loaded.model, host, stop, held_out)
     resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
     before = preview_answers(cfg, prep, trainer, "preview before training") if not resume else None
+    held_out_before = held_out.before_training(trainer) if held_out and not resume else None
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=resume)
     # A stop that arrives with the last step has nothing left to stop.
     finished = not stop.requested or trainer.state.global_step >= trainer.state.max_steps
     metrics = dict(result.metrics)
-    if finished and prep.eval is not None:
-        metrics.update(trainer.evaluate())
+    if finished and held_out is not None:
+        metrics.update(held_out.final_evaluation(trainer))
     summary: dict[str, Any] = {
         "status": "complete" if finished else "stopped",
         "method": prep.method.name,
@@ -234,6 +247,9 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
         "total_params": loaded.total_params,
         "elapsed_seconds": round(time.time() - started, 1),
     }
+    if held_out is not None:
+        summary["held_out"] = held_out.summary(held_out_before, metrics)
+    summary["score"] = score(metrics)
     after = preview_answers(cfg, prep, trainer, "preview after training") if finished else None
     if after is not None:
         summary["samples"] = as_records(prep.preview_prompts, after, before)
@@ -246,7 +262,16 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
             summary["checkpoint"] = str(latest_checkpoint(output_dir))
         summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
         write_summary(output_dir, summary)
+        if finished and tasks:  # after the model is saved: a failing task cannot lose it
+            lm_eval_tasks.run_after_training(tasks, cfg, prep, trainer, host, summary)
     return summary
+
+
+def score(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers a host ranks runs by (lower loss and bound, higher accuracy: better)."""
+    keys = ("eval_loss", "train_loss", "eval_nll_bound", "eval_nll_bound_se")
+    keys += ("eval_exact_match", "eval_token_f1")
+    return {k: metrics[k] for k in keys if isinstance(metrics.get(k), int | float)}
 
 
 def preview_answers(cfg: JobConfig, prep: Prepared, trainer: Any, title: str) -> list[str] | None:

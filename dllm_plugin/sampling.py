@@ -94,7 +94,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Sampling must not use dropout, and must not leave a training model in eval mode."""
     was_training = model.training
     model.eval()
@@ -237,7 +237,7 @@ def generate_mdlm(
     device = _model_device(model)
     generator = _make_generator(device, config.seed)
     outputs = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for prompt in prompts:
             raw = _mdlm_one(
                 model,
@@ -363,7 +363,7 @@ def generate_dream(
     device = _model_device(model)
     generator = _make_generator(device, config.seed)
     outputs = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for prompt in prompts:
             raw = _dream_one(
                 model,

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from .diffusion.loss import (
 from .diffusion.masked_head import HeadVerdict, score_masked
 from .diffusion.noise import EVAL, TRAIN, draw_row_noise
 from .diffusion.schedules import get_schedule
+from .models.families import TokenIds
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +92,18 @@ class MDLMTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(
-        self, *args: Any, mask_token_id: int, bos_token_id: int | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        mask_token_id: int,
+        bos_token_id: int | None = None,
+        held_out: Any = None,
+        **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.mask_token_id = mask_token_id
         self.bos_token_id = bos_token_id
+        # evaluation/held_out.py: the held-out ELBO (and accuracy) added to every evaluation
+        self.held_out = held_out
         # Ask the Trainer for the global maskable-token count of each optimizer step.
         self.model_accepts_loss_kwargs = True
         self.schedule = get_schedule(self.args.noise_schedule)
@@ -144,7 +153,7 @@ class MDLMTrainer(Trainer):
         maskable = labels != IGNORE_INDEX
         # 1-3. a timestep per row, its mask, the noised ids
         t, masked = self.draw_noise(maskable, training)
-        noised = torch.where(masked, torch.full_like(input_ids, self.mask_token_id), input_ids)
+        noised = self.corrupt(input_ids, masked, self.mask_token_id)
         # 5-6. per-position weight over the normaliser: loss = sum(scale * CE)
         scale = self.loss_scale(t, masked, maskable, num_items_in_batch, training)
         # 4. one forward; cross-entropy at masked positions only
@@ -160,7 +169,7 @@ class MDLMTrainer(Trainer):
         self, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch as the model sees it (Dream prepends BOS); MDLM uses it as it is."""
-        return input_ids, labels
+        return self.model_view(input_ids, labels, self.bos_token_id)
 
     def draw_noise(
         self, maskable: torch.Tensor, training: bool
@@ -217,6 +226,85 @@ class MDLMTrainer(Trainer):
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
         return super().evaluate(*args, **kwargs)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's loop (eval_loss: one training-loss draw per row), plus the held-out
+        ELBO and, when asked, answer accuracy, in the same log entry."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.held_out is not None:
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            extra = self.held_out.measure(self)
+            output.metrics.update({f"{prefix}_{k}": v for k, v in extra.items()})
+        return output
+
+    # ---- evaluation hooks ----------------------------------------------------------
+    # The held-out ELBO (evaluation/elbo.py) and the lm-eval model score a method through
+    # these class methods, without a Trainer instance. A method with other noise (uniform
+    # corruption, blocks) overrides `elbo_noise`/`corrupt`, or `nll_bound` as a whole
+    # (docs/architecture.md, "Evaluation").
+
+    @classmethod
+    def model_view(
+        cls, input_ids: torch.Tensor, labels: torch.Tensor, bos_id: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch as the model sees it; MDLM uses it as it is."""
+        return input_ids, labels
+
+    @classmethod
+    def corrupt(cls, input_ids: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
+        """The noised ids: every masked position holds the mask token."""
+        return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+
+    @classmethod
+    def elbo_noise(
+        cls, scored: torch.Tensor, u: torch.Tensor, generators: Sequence[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked, weight) [b, l] for one ELBO draw per row at noise level u in [0, 1).
+
+        The count form of the masked-diffusion ELBO (LLaDA's Eq. 12): of a row's L scored
+        positions, l = 1 + floor(u * L) are masked, chosen uniformly by the row's generator,
+        each weighted L / l. A uniform u gives a uniform l, and then the expectation equals
+        the time form the loss trains with (t ~ U(0, 1), weight 1/t, for every schedule),
+        without its 1/t spikes.
+        """
+        masked = torch.zeros_like(scored, dtype=torch.bool)
+        weight = torch.zeros(scored.shape, dtype=torch.float32, device=scored.device)
+        for row, generator in enumerate(generators):
+            positions = scored[row].nonzero().squeeze(1)
+            n = int(positions.numel())
+            if n == 0:
+                continue
+            count = min(n, 1 + int(float(u[row]) * n))
+            picked = positions[torch.randperm(n, generator=generator)[:count].to(scored.device)]
+            masked[row, picked] = True
+            weight[row, picked] = n / count
+        return masked, weight
+
+    @classmethod
+    def nll_bound(
+        cls,
+        model: nn.Module,
+        head: nn.Linear | None,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        u: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        ids: TokenIds,
+        chunk_rows: int = 2048,
+    ) -> torch.Tensor:
+        """Per row [b]: one unbiased draw of the negative ELBO of its scored tokens (nats).
+
+        The rows are already in the model's view (`model_view`); `labels` marks the scored
+        positions. The same corruption and the same scoring (score_masked) as the loss.
+        """
+        masked, weight = cls.elbo_noise(labels != IGNORE_INDEX, u, generators)
+        noised = cls.corrupt(input_ids, masked, ids.mask_id)
+        _, ce = score_masked(
+            model, head, noised, input_ids, masked, weight, cls.shift_logits, chunk_rows
+        )
+        rows = masked.nonzero(as_tuple=True)[0]
+        bound = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=ce.device)
+        return bound.index_add_(0, rows.to(ce.device), weight[masked].to(ce.device) * ce)
 
     # ---- metrics -----------------------------------------------------------------
     def _add_metrics(
@@ -280,8 +368,9 @@ class DreamTrainer(MDLMTrainer):
             seed=cfg.seed,
         )
 
-    def model_inputs(
-        self, input_ids: torch.Tensor, labels: torch.Tensor
+    @classmethod
+    def model_view(
+        cls, input_ids: torch.Tensor, labels: torch.Tensor, bos_id: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepend BOS unless every row's first label is already ignored.
 
@@ -289,10 +378,10 @@ class DreamTrainer(MDLMTrainer):
         """
         if bool((labels[:, 0] == IGNORE_INDEX).all()):
             return input_ids, labels
-        if self.bos_token_id is None:
+        if bos_id is None:
             raise ValueError(
                 "Dream training needs a BOS token id to prepend (the tokenizer has none)"
             )
-        bos = torch.full_like(input_ids[:, :1], self.bos_token_id)
+        bos = torch.full_like(input_ids[:, :1], bos_id)
         ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
         return torch.cat([bos, input_ids], dim=1), torch.cat([ignore, labels], dim=1)

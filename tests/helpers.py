@@ -90,12 +90,22 @@ def fixture_model_dir(name: str, dest: Path) -> Path:
 PAIRS = [("hi", "hello"), ("sky?", "blue"), ("1+1?", "two"), ("cat?", "meow")]
 
 
-def run_pairs_job(tmp_path: Path, fixture: str, **overrides) -> dict:
-    """Train a fixture model on PAIRS through main.py's entry; return run_summary.json."""
+def run_pairs_job(tmp_path: Path, fixture: str, held_out: bool = False, **overrides) -> dict:
+    """Train a fixture model on PAIRS through main.py's entry; return run_summary.json.
+
+    held_out: a data folder with PAIRS x 3 to train on and PAIRS as the test split.
+    """
     from dllm_plugin.cli import main as cli_main
 
     model = fixture_model_dir(fixture, tmp_path / fixture)
-    data = write_rows(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    rows = [{"prompt": p, "completion": c} for p, c in PAIRS]
+    if held_out:
+        data = tmp_path / "pairs"
+        data.mkdir()
+        write_rows(data / "train.jsonl", rows * 3)
+        write_rows(data / "test.jsonl", rows)
+    else:
+        data = write_rows(tmp_path / "pairs.jsonl", rows)
     config = {
         "model_name": str(model),
         "dataset_name": str(data),
@@ -139,3 +149,67 @@ def tiny_bert_mlm(vocab_size: int):
         attention_probs_dropout_prob=0.0,
     )
     return BertForMaskedLM(config)
+
+
+def write_lm_eval_tasks(folder: Path, pairs=PAIRS) -> Path:
+    """A local lm-eval task folder over jsonl files written here (absolute paths, offline):
+    `pairs_gen` (generate_until, exact match) and `pairs_mc` (multiple choice between the
+    trained answer and the next pair's answer, by loglikelihood)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = write_rows(folder / "gen.jsonl", [{"prompt": p, "completion": c} for p, c in pairs])
+    answers = [c for _, c in pairs]
+    mc = write_rows(
+        folder / "mc.jsonl",
+        [
+            {"prompt": p, "choices": [c, answers[(i + 1) % len(answers)]], "label": 0}
+            for i, (p, c) in enumerate(pairs)
+        ],
+    )
+    (folder / "pairs_gen.yaml").write_text(
+        f"""task: pairs_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {gen}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{completion}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]
+metadata:
+  version: 1.0
+""",
+        encoding="utf-8",
+    )
+    (folder / "pairs_mc.yaml").write_text(
+        f"""task: pairs_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {mc}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+        encoding="utf-8",
+    )
+    return folder
