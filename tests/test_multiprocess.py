@@ -1,8 +1,9 @@
 """Real multi-process CPU runs through main.py (two gloo ranks under accelerate launch).
 
 Slow by nature (each process imports torch and transformers: about 30-60 s per run on a
-small machine), so the runs are shared: one 2-process run, one 1-process reference
-run, one failing run.
+small machine), so the runs are shared: one 2-process run (started as a host harness
+starts it, with the host's own older packages after the venv on sys.path), one
+1-process reference run, two failing runs.
 """
 
 from __future__ import annotations
@@ -55,14 +56,36 @@ def write_job(folder: Path, model: Path, data: Path, **params) -> Path:
     return path
 
 
-def run_main(job: Path, *extra: str) -> subprocess.CompletedProcess:
-    """`python main.py --input_file job` in a clean environment (no inherited ranks)."""
+def old_host_packages(folder: Path) -> Path:
+    """A host's shared package folder holding an older transformers that cannot serve us
+    (the plugin-era host pins transformers 4.57): importing it fails as that one does."""
+    package = folder / "transformers"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "raise ImportError(\"cannot import name 'initialization' from 'transformers' "
+        f'({package / "__init__.py"})")\n'
+    )
+    return folder
+
+
+def run_main(job: Path, *extra: str, after_venv: Path | None = None) -> subprocess.CompletedProcess:
+    """`python main.py --input_file job` in a clean environment (no inherited ranks); with
+    `after_venv`, started like a host harness that has that folder on sys.path after the
+    venv's site-packages (and main.py run as the harness runs it)."""
     env = dict(os.environ)
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "DLLM_FAILURE_DIR", "TENSORBOARD_LOGGING_DIR"):
         env.pop(name, None)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    argv = [str(MAIN), "--input_file", str(job), *extra]
+    command = [sys.executable, *argv]
+    if after_venv is not None:
+        harness = (
+            f"import runpy, sys; sys.path.append({str(after_venv)!r}); sys.argv = {argv!r}; "
+            f"runpy.run_path({str(MAIN)!r}, run_name='__main__')"
+        )
+        command = [sys.executable, "-c", harness]
     return subprocess.run(
-        [sys.executable, str(MAIN), "--input_file", str(job), *extra],
+        command,
         cwd=job.parent,
         env=env,
         capture_output=True,
@@ -89,14 +112,18 @@ def data_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, tiny_bert_session, data_file):
+    """Both ranks must import what the parent imports: the venv's transformers, not the
+    older one the host keeps after the venv (on PYTHONPATH it would come first)."""
     folder = tmp_path_factory.mktemp("mp-two")
     job = write_job(folder, tiny_bert_session, data_file, num_processes=2)
-    return folder, run_main(job, "--experiment_name", "mp-test")
+    host_packages = old_host_packages(folder / "host-packages")
+    return folder, run_main(job, "--experiment_name", "mp-test", after_venv=host_packages)
 
 
 def test_two_processes_train_and_rank_0_writes_outputs(two_process_run):
     folder, proc = two_process_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "cannot import name" not in proc.stdout + proc.stderr
     out = proc.stdout
     assert "launch plan:" in out and "processes     2" in out and "cpu (gloo)" in out
     assert "global batch  4 = batch_size 2 x 2 process(es)" in out
@@ -155,3 +182,28 @@ def test_child_failure_fails_the_parent_with_the_childs_reason(
     assert sorted(p.name for p in out.iterdir()) == ["run_summary.json"]  # lock released
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "failed" and "no_such_rows.jsonl" in summary["reason"]
+
+
+def test_a_child_that_dies_at_an_import_is_the_jobs_reason(
+    tmp_path, tiny_bert_session, data_file, monkeypatch, capsys
+):
+    """The children get the parent's sys.path; one whose first folder holds a transformers
+    that fails to import (the parent had already imported the real one) dies at start-up,
+    before it can write its reason: the reason is its own exception line."""
+    from dllm_plugin.cli import main as cli_main
+
+    broken = old_host_packages(tmp_path / "broken")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "DLLM_FAILURE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "path", [str(broken), *sys.path])
+    job = write_job(tmp_path / "bad", tiny_bert_session, data_file, num_processes=2)
+    assert cli_main(["--input_file", str(job)]) == 1
+    expected = (
+        "ImportError: cannot import name 'initialization' from 'transformers' "
+        f"({broken / 'transformers' / '__init__.py'})"
+    )
+    out = capsys.readouterr().out
+    assert last_line(out) == f"FAILED: {expected}", out[-3000:]
+    summary = json.loads((tmp_path / "bad" / "out" / "run_summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] == expected

@@ -23,6 +23,7 @@ from ..hosts import Host, MainRankHost, NonMainRankHost
 from .plan import LaunchPlan, accelerate_config, describe_plan, plan_launch
 from .supervise import (
     LaunchResult,
+    Streamed,
     child_environment,
     launch_command,
     launch_result,
@@ -35,6 +36,7 @@ from .supervise import (
 __all__ = [
     "LaunchPlan",
     "LaunchResult",
+    "Streamed",
     "host_for_this_process",
     "maybe_relaunch",
     "owns_output_dir",
@@ -64,8 +66,9 @@ def maybe_relaunch(
         failure_dir.mkdir()
         command = launch_command(plan, config_path, Path(input_file), args)
         print(describe_plan(plan, cfg, command, config_text), flush=True)
-        returncode, tail = run_streaming(command, child_environment(plan, failure_dir))
-        return launch_result(failure_dir, returncode, tail)
+        return launch_result(
+            failure_dir, run_streaming(command, child_environment(plan, failure_dir))
+        )
 
 
 def already_launched(args: argparse.Namespace) -> bool:
