@@ -157,7 +157,7 @@ def load_rows(cfg: JobConfig, host: Host) -> Any:
         return load_local_dataset(path, line_limit(cfg.max_length))
     if looks_like_path(cfg.dataset_name) or path.suffix.lower() in FILE_KINDS:
         raise DataError(f"dataset_name: the file or folder {cfg.dataset_name!r} does not exist")
-    return load_named_dataset(cfg.dataset_name)
+    return load_named_dataset(cfg.dataset_name, cfg.dataset_config_name)
 
 
 def build_trainer(cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: StopSignals) -> Any:
@@ -244,7 +244,8 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
             summary.update(save_outputs(cfg, prep, trainer, host))
         else:
             summary["checkpoint"] = str(latest_checkpoint(output_dir))
-        summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
+        if finished or host.stop_grace_s is None:  # a stop against the clock skips the plot
+            summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
         write_summary(output_dir, summary)
     return summary
 
