@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
+from .checkpoints import latest_checkpoint
 from .errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ def mark_stopped(path: Path, reason: str) -> None:
     summary = _read_summary(Path(path))
     if summary.get("status") not in (None, "running"):
         return
-    from .training_args import latest_checkpoint
-
     checkpoint = latest_checkpoint(Path(path))
     summary.update(
         {

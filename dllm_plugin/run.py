@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .callbacks import HostCallback, StopSignals, use_loss_progress_bar
+from .checkpoints import latest_checkpoint
 from .config import JobConfig, looks_like_path, resolve_path
 from .data.sft import TokenizeOptions, build_sft_dataset, split_train_eval
 from .data.sources import FILE_KINDS, line_limit, load_local_dataset, load_named_dataset
@@ -40,7 +41,7 @@ from .preview import (
     pick_prompts,
     write_tensorboard_text,
 )
-from .training_args import latest_checkpoint, resolve_resume, training_arguments
+from .training_args import resolve_resume, training_arguments
 
 logger = logging.getLogger(__name__)
 

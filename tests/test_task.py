@@ -3,9 +3,10 @@ created as the app creates it, task.yaml's `run` under the SDK's own `tfl-remote
 and the app's Stop, status worker and resume emulated from its source (tlab_app/).
 
 Every run is a subprocess: the SDK's top-level `lab` module never enters this process,
-and never meets tests/fake_tlab's plugin-era `lab`. The runs are few and shared: one
-complete single-process job, one failing job, one 2-process job stopped mid-training
-and the job resumed from its checkpoint.
+and never meets tests/fake_tlab's plugin-era `lab`. The runs are few: one complete
+single-process job, one failing job, one single-process and one 2-process job stopped
+mid-training (the second resumed from its checkpoint), and a stop during a step that
+does not end.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers import write_rows
-from tlab_app.runner import TaskApp, launch_parameters
+from tlab_app.runner import HERE, TaskApp, launch_parameters
 
 try:  # asked of the package metadata: `lab` itself is not imported here
     importlib.metadata.version("transformerlab")
@@ -37,6 +38,7 @@ ROWS = [
 ]
 MODEL_ID = "TransformerLab/tiny-bert"  # a model the app lists (folder: models/tiny-bert)
 DATASET_ID = "sums"
+LONG = {"train_steps": "160", "save_steps": "20", "logging_steps": "10", "eval_strategy": "no"}
 # As the app's CLI sends them: every value a string. Plus keys the app's form adds.
 STRINGS = dict(
     model_name=MODEL_ID,
@@ -151,20 +153,8 @@ def test_a_bad_template_fails_the_job_with_its_reason(app):
     assert run.output.strip().splitlines()[-1] == f"FAILED: {data['error_msg']}"
 
 
-def test_stop_with_two_processes_then_the_resumed_job_continues(app):
-    """Stop mid-training (SIGTERM to the tree, SIGKILL 3 s later): STOPPED, the record
-    whole, the newest periodic checkpoint registered; the app's resumed job trains on
-    from it to the end."""
-    params = {**STRINGS, "num_processes": "2", "train_steps": "160", "save_steps": "20"}
-    params.update(logging_steps="10", eval_strategy="no", save_total_limit="2")
-    job_id = app.create_job(launch_parameters(params))
-    proc = app.start(job_id)
-    app.wait_for(job_id, proc, lambda job: job["job_data"].get("latest_checkpoint"))
-    returncode, killed, seconds = app.press_stop(job_id, proc)
-    output = app.output(job_id)
-    assert returncode == 0, (
-        f"{killed} process(es) left for SIGKILL after {seconds:.1f} s\n{output[-4000:]}"
-    )
+def assert_stopped_with_the_newest_checkpoint(app: TaskApp, job_id: str, processes: int) -> Path:
+    """STOPPED, the record whole, the newest periodic checkpoint registered; its path."""
     assert app.settle(job_id) == "STOPPED"
     job = app.job(job_id)  # parses: the record survived the app's writes and ours
     data = job["job_data"]
@@ -173,21 +163,62 @@ def test_stop_with_two_processes_then_the_resumed_job_continues(app):
     step = int(checkpoint.name.split("-")[1])
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == step and 20 <= step < 160
-    assert sorted(checkpoint.glob("rng_state_*.pth")) == [
-        checkpoint / "rng_state_0.pth",
-        checkpoint / "rng_state_1.pth",
-    ]
-    # The newest periodic checkpoint in output_dir is the registered one.
+    assert sorted(p.name for p in checkpoint.glob("rng_state*.pth")) == (
+        [f"rng_state_{rank}.pth" for rank in range(processes)]
+        if processes > 1
+        else ["rng_state.pth"]
+    )
     saved = sorted(
-        (p for p in (app.home_of(job_id) / "output").glob("checkpoint-*")),
+        (app.home_of(job_id) / "output").glob("checkpoint-*"),
         key=lambda p: int(p.name.split("-")[1]),
     )
-    assert saved[-1].name == checkpoint.name
+    assert saved[-1].name == checkpoint.name  # the newest one in output_dir, no newer
     stopped = summary_of(app, job_id)
     assert stopped["status"] == "stopped" and stopped["global_step"] >= step
-    assert f"resumable checkpoint: the registered {checkpoint.name}" in "\n".join(
-        app.task_log(job_id)
-    )
+    log = "\n".join(app.task_log(job_id))
+    assert f"resumable checkpoint: the registered {checkpoint.name}" in log
+    return checkpoint
+
+
+def test_stop_of_a_single_process_job(app):
+    """Stop mid-training (SIGTERM to the tree, SIGKILL 3 s later): exit status 0 in time."""
+    job_id = app.create_job(launch_parameters({**STRINGS, **LONG}))
+    proc = app.start(job_id)
+    app.wait_for(job_id, proc, lambda job: job["job_data"].get("latest_checkpoint"))
+    returncode, killed, seconds = app.press_stop(job_id, proc)
+    output = app.output(job_id)
+    assert returncode == 0, f"{killed} left for SIGKILL after {seconds:.1f} s\n{output[-4000:]}"
+    assert_stopped_with_the_newest_checkpoint(app, job_id, processes=1)
+
+
+def test_a_step_that_does_not_end_is_cut_by_the_watchdog(app):
+    """A step longer than the app's 3 s (a large model): the process still exits with
+    status 0 in time, with the summary saying stopped and the job STOPPED."""
+    job_id = app.create_job(launch_parameters(STRINGS))
+    proc = app.start(job_id, run=f"exec python {HERE / 'stuck_step.py'}")
+    app.wait_for_output(job_id, proc, "training")
+    returncode, killed, seconds = app.press_stop(job_id, proc)
+    output = app.output(job_id)
+    assert returncode == 0, f"{killed} left for SIGKILL after {seconds:.1f} s\n{output[-4000:]}"
+    assert "stop requested" in output and "not reached" not in output
+    assert app.settle(job_id) == "STOPPED"
+    assert app.job(job_id)["job_data"]["live_status"] == "Remote command finished"
+    summary = summary_of(app, job_id)
+    assert summary["status"] == "stopped" and "before the step ended" in summary["reason"]
+    assert any("did not end within 2 s" in line for line in app.task_log(job_id))
+
+
+def test_stop_with_two_processes_then_the_resumed_job_continues(app):
+    """The same with two training processes; the app's resumed job (also two) trains on
+    from the registered checkpoint to the end."""
+    job_id = app.create_job(launch_parameters({**STRINGS, **LONG, "num_processes": "2"}))
+    proc = app.start(job_id)
+    app.wait_for(job_id, proc, lambda job: job["job_data"].get("latest_checkpoint"))
+    returncode, killed, seconds = app.press_stop(job_id, proc)
+    output = app.output(job_id)
+    assert returncode == 0, f"{killed} left for SIGKILL after {seconds:.1f} s\n{output[-4000:]}"
+    checkpoint = assert_stopped_with_the_newest_checkpoint(app, job_id, processes=2)
+    step = int(checkpoint.name.split("-")[1])
 
     resumed_id = app.resume(job_id, checkpoint.name)
     run = app.run(resumed_id)

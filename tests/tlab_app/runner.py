@@ -144,7 +144,8 @@ class TaskApp:
             (home / name).symlink_to(REPO / name)
         return home
 
-    def start(self, job_id: str, **env: str) -> subprocess.Popen:
+    def start(self, job_id: str, run: str | None = None, **env: str) -> subprocess.Popen:
+        """task.yaml's `run` (or `run`) as the Local provider starts it."""
         task = task_yaml()
         home = self.home(job_id)
         venv_bin = str(Path(sys.executable).parent)
@@ -159,11 +160,11 @@ class TaskApp:
             PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
             **env,
         )
-        run = f"tfl-remote-trap -- {shlex.quote(task['run'])}"  # launch_template.py
+        command = f"tfl-remote-trap -- {shlex.quote(run or task['run'])}"  # launch_template.py
         log = open(home.parent / "stdout.log", "w")  # noqa: SIM115 (the child keeps it)
         try:
             return subprocess.Popen(
-                ["/bin/bash", "-c", run],
+                ["/bin/bash", "-c", command],
                 cwd=home,
                 env=variables,
                 stdout=log,
@@ -194,6 +195,9 @@ class TaskApp:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting:\n{self.output(job_id)[-3000:]}")
+
+    def wait_for_output(self, job_id: str, proc: subprocess.Popen, text: str) -> None:
+        self.wait_for(job_id, proc, lambda _job: text in self.output(job_id))
 
     def press_stop(self, job_id: str, proc: subprocess.Popen) -> tuple[int, int, float]:
         """The app's Stop: STOPPING, then SIGTERM to the tree and SIGKILL 3 s later.
