@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    """Outside training, SIGTERM fails the job like Ctrl-C instead of killing the process
-    silently (the plugin host would then show the killed job as COMPLETE). During
-    training StopSignals turns it into a checkpoint-and-stop instead."""
+    """Outside training, SIGTERM ends the job like Ctrl-C instead of killing the process
+    silently (the plugin host would then show the killed job as COMPLETE): a failure, or
+    a stop for a host whose Stop is a signal (a task). During training StopSignals turns
+    it into a stop at the end of the step instead."""
     raise KeyboardInterrupt(signals.name(signum))
 
 

@@ -32,7 +32,9 @@ HEADER = (
     "# Generated from index.json by `python -m dllm_plugin.task_yaml`; edit index.json and\n"
     "# run it again (a test fails when this file and index.json disagree).\n"
 )
-GITHUB_FIELDS = ("github_repo_url", "github_repo_dir", "github_repo_branch")
+# No github_repo_dir: the task is the repository's root (with a subfolder the app would
+# copy only that folder into the job, without the code `run` starts).
+GITHUB_FIELDS = ("github_repo_url", "github_repo_branch")
 # The task's commands. setup runs in the job's venv (the app's own torch stays; our
 # package upgrades transformers, accelerate, peft and datasets there: info.md).
 # uv venvs (the Local provider's) have no pip: uv installs there, else pip (made first).
