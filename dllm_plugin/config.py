@@ -34,6 +34,7 @@ HOST_FIELDS: dict[str, dict[str, Any]] = {
     "model_architecture": {"type": "string"},
     "dataset_name": {"type": "string"},
     "dataset_split": {"type": "string"},
+    "dataset_config_name": {"type": "string"},  # a hub dataset's configuration
     "template_name": {"type": "string"},
     "job_id": {"type": ["string", "integer"]},
     "output_dir": {"type": "string", "minLength": 1},

@@ -98,6 +98,7 @@ def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]
             cfg,
             Path(prep.model_path),
         )
+        host.output_saved(dest, "adaptor", _architecture(model), cfg.model_name)
         result: dict[str, Any] = {"output_path": str(dest), "output_kind": "lora_adaptor"}
         if cfg.merge_adaptor:
             result["merged_model_path"] = str(save_merged(cfg, prep, dest, host, models_dir))
@@ -108,6 +109,7 @@ def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]
     _save_full(model, prep.tokenizer, dest, record, "model", cfg, Path(prep.model_path))
     if record is not None:
         host.register_model(dest, dest.name, architecture)
+    host.output_saved(dest, "model", architecture, cfg.model_name)
     return {"output_path": str(dest), "output_kind": "full_model"}
 
 
@@ -133,4 +135,5 @@ def save_merged(cfg: Any, prep: Any, adaptor: Path, host: Any, models_dir: Path 
     _save_full(merged, prep.tokenizer, dest, record, "merged model", cfg, Path(prep.model_path))
     if record is not None:
         host.register_model(dest, dest.name, architecture)
+    host.output_saved(dest, "merged model", architecture, cfg.model_name)
     return dest

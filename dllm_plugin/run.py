@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .callbacks import HostCallback, StopSignals, use_loss_progress_bar
+from .checkpoints import latest_checkpoint
 from .config import JobConfig, looks_like_path, resolve_path
 from .data.sft import TokenizeOptions, build_sft_dataset, split_train_eval
 from .data.sources import FILE_KINDS, line_limit, load_local_dataset, load_named_dataset
@@ -42,7 +43,7 @@ from .preview import (
     pick_prompts,
     write_tensorboard_text,
 )
-from .training_args import latest_checkpoint, resolve_resume, training_arguments
+from .training_args import resolve_resume, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def load_rows(cfg: JobConfig, host: Host) -> Any:
         return load_local_dataset(path, line_limit(cfg.max_length))
     if looks_like_path(cfg.dataset_name) or path.suffix.lower() in FILE_KINDS:
         raise DataError(f"dataset_name: the file or folder {cfg.dataset_name!r} does not exist")
-    return load_named_dataset(cfg.dataset_name)
+    return load_named_dataset(cfg.dataset_name, cfg.dataset_config_name)
 
 
 def build_trainer(
@@ -260,7 +261,8 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
             summary.update(save_outputs(cfg, prep, trainer, host))
         else:
             summary["checkpoint"] = str(latest_checkpoint(output_dir))
-        summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
+        if finished or host.stop_grace_s is None:  # a stop against the clock skips the plot
+            summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
         write_summary(output_dir, summary)
         if finished and tasks:  # after the model is saved: a failing task cannot lose it
             lm_eval_tasks.run_after_training(tasks, cfg, prep, trainer, host, summary)

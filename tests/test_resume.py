@@ -21,7 +21,8 @@ import pytest
 from fake_tlab.runner import REPO, quiet_env
 from helpers import write_rows
 
-from dllm_plugin.training_args import checkpoint_step, latest_checkpoint, resolve_resume
+from dllm_plugin.checkpoints import checkpoint_step, latest_checkpoint
+from dllm_plugin.training_args import resolve_resume
 
 ROWS = [
     {"prompt": f"Name a colour, number {i}.", "completion": c}
