@@ -1,8 +1,13 @@
 """Real multi-process CPU runs through main.py (two gloo ranks under accelerate launch).
 
+The layout guarantee on real data: demo rows of varied lengths (so micro-batches have
+different widths) and a model with dropout 0.1 give the same losses with 2 processes x
+GA 1 as with 1 process x GA 2, padded, and packed with stratified timesteps and
+complementary masking.
+
 Slow by nature (each process imports torch and transformers: about 30-60 s per run on a
-small machine), so the runs are shared: one 2-process run, one 1-process reference
-run, one failing run.
+small machine), so the runs are shared: a 2-process run and its 1-process reference,
+padded and packed, and one failing run.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def write_job(folder: Path, model: Path, data: Path, **params) -> Path:
         "batch_size": 2,
         "gradient_accumulation_steps": 1,
         "train_steps": STEPS,
-        "max_length": 32,
+        "max_length": 64,
         "learning_rate": 1e-3,
         "learning_rate_schedule": "constant",
         "warmup_ratio": 0,
@@ -82,16 +87,30 @@ def last_line(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
+    """16 demo rows whose answers repeat 1 to 4 times: lengths from ~15 to ~50 tokens."""
+    rows = [json.loads(line) for line in DEMO_ROWS.read_text().splitlines()[:16]]
+    for i, row in enumerate(rows):
+        row["output"] = " ".join([row["output"]] * (1 + i % 4))
     path = tmp_path_factory.mktemp("mp-data") / "rows.jsonl"
-    path.write_text("".join(DEMO_ROWS.read_text().splitlines(keepends=True)[:16]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, tiny_bert_session, data_file):
+def two_process_run(tmp_path_factory, tiny_bert_dropout_session, data_file):
     folder = tmp_path_factory.mktemp("mp-two")
-    job = write_job(folder, tiny_bert_session, data_file, num_processes=2)
+    job = write_job(folder, tiny_bert_dropout_session, data_file, num_processes=2)
     return folder, run_main(job, "--experiment_name", "mp-test")
+
+
+def test_the_rows_have_varied_lengths(data_file, minilm_tokenizer):
+    """What makes the layout test real: micro-batches of different widths."""
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    lengths = {
+        len(minilm_tokenizer(r["instruction"] + " " + r["input"] + " " + r["output"]).input_ids)
+        for r in rows
+    }
+    assert len(lengths) >= 5 and max(lengths) < 64
 
 
 def test_two_processes_train_and_rank_0_writes_outputs(two_process_run):
@@ -115,19 +134,12 @@ def test_two_processes_train_and_rank_0_writes_outputs(two_process_run):
     assert not list((folder / "out").rglob("*.tmp-*"))
 
 
-def test_loss_does_not_depend_on_process_count(
-    two_process_run, tmp_path, tiny_bert_session, data_file
-):
-    """Same global batch (2 x 2 processes x GA 1 == 2 x 1 process x GA 2), same seed."""
-    folder, proc = two_process_run
-    assert proc.returncode == 0, proc.stdout[-4000:]
+def assert_same_losses_on_one_process(folder, tmp_path, model, data_file, **params):
+    """The 2-process run's losses equal those of 1 process x GA 2 (same global batch)."""
     job = write_job(
-        tmp_path / "one",
-        tiny_bert_session,
-        data_file,
-        num_processes=1,
-        gradient_accumulation_steps=2,
-    )
+        tmp_path / "one", model, data_file, num_processes=1, gradient_accumulation_steps=2,
+        **params,
+    )  # fmt: skip
     single = run_main(job)
     assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
     assert "launch plan:" not in single.stdout  # one process trains in place
@@ -138,6 +150,35 @@ def test_loss_does_not_depend_on_process_count(
     assert one[1] == pytest.approx(two[1], abs=1e-5)
     for step in range(2, STEPS + 1):
         assert one[step] == pytest.approx(two[step], rel=1e-3)
+
+
+def test_loss_does_not_depend_on_process_count(
+    two_process_run, tmp_path, tiny_bert_dropout_session, data_file
+):
+    """Same global batch (2 x 2 processes x GA 1 == 2 x 1 process x GA 2), same seed;
+    varied widths, dropout on: the noise and the dropout are keyed by the global row."""
+    folder, proc = two_process_run
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert_same_losses_on_one_process(folder, tmp_path, tiny_bert_dropout_session, data_file)
+
+
+PACKED = {"packing": True, "timestep_sampling": "stratified", "complementary_masking": True}
+
+
+def test_packed_loss_does_not_depend_on_process_count(
+    tmp_path, tiny_bert_dropout_session, data_file
+):
+    """The same with packed rows, stratified timesteps and complementary masking."""
+    folder = tmp_path / "two"
+    job = write_job(
+        folder, tiny_bert_dropout_session, data_file, num_processes=2, batch_size=1, **PACKED
+    )
+    proc = run_main(job)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "packing train: 16 examples" in proc.stdout + proc.stderr
+    assert_same_losses_on_one_process(
+        folder, tmp_path, tiny_bert_dropout_session, data_file, batch_size=1, **PACKED
+    )
 
 
 def test_child_failure_fails_the_parent_with_the_childs_reason(

@@ -18,7 +18,8 @@ Interface kept deliberately simple for the diffusion trainer:
   for ``nn.Identity`` makes ``logits`` the final normed hidden states.
 """
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -244,7 +245,8 @@ def apply_rope(
     return (xc * cos + _rotate_half(xc) * sin).to(x.dtype)
 
 
-class AttentionMask(NamedTuple):
+@dataclasses.dataclass
+class AttentionMask:
     """What the attention layers need from a user ``attention_mask``.
 
     ``keys``: bool mask for SDPA (True = may attend), broadcastable to [B, H, L, L]; rows
@@ -255,6 +257,21 @@ class AttentionMask(NamedTuple):
 
     keys: torch.Tensor | None
     queries: torch.Tensor | None
+    _additive: dict[torch.dtype, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+
+    def for_sdpa(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``keys`` as SDPA's additive mask (0 / -inf) in ``dtype``, made once per forward.
+
+        Every layer gets the same tensor: SDPA would otherwise convert a bool mask into a
+        float copy in each layer and keep each copy for the backward (16 MiB per layer
+        for 4 rows of 1024 tokens).
+        """
+        if self.keys is None:
+            return None
+        if dtype not in self._additive:
+            additive = torch.zeros(self.keys.shape, dtype=dtype, device=self.keys.device)
+            self._additive[dtype] = additive.masked_fill_(~self.keys, float("-inf"))
+        return self._additive[dtype]
 
 
 def _from_key_padding(keep: torch.Tensor, mask_pad_queries: bool) -> AttentionMask:
@@ -270,6 +287,8 @@ def _from_full_mask(keep: torch.Tensor) -> AttentionMask:
     if keep.dim() == 3:
         keep = keep[:, None]
     row_open = keep.any(dim=-1, keepdim=True)
+    if bool(row_open.all()):  # e.g. packed rows: every query sees its own example
+        return AttentionMask(keys=keep, queries=None)
     return AttentionMask(keys=keep | ~row_open, queries=row_open)
 
 
@@ -341,7 +360,7 @@ def bidirectional_attention(
     """
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-    attn_mask = None if mask is None else mask.keys
+    attn_mask = None if mask is None else mask.for_sdpa(q.dtype)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False
     )
