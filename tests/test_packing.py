@@ -192,7 +192,7 @@ def make_trainer(family, model, tmp_path, **kw):
     return cls(model=model, args=args, mask_token_id=MASK, bos_token_id=BOS)
 
 
-def reference_loss(model, rows, label_rows, shift: bool) -> float:
+def reference_loss(model, rows, label_rows, shift: bool, phase: int = 0) -> float:
     """Brute force: each example alone, its noise from its own key (seed, train, step 0,
     row, segment): t = eps + (1 - eps) u, then one uniform per token of the example only
     (the packed draw covers the batch's widest example: a longer stream, same prefix);
@@ -200,7 +200,7 @@ def reference_loss(model, rows, label_rows, shift: bool) -> float:
     total, maskable = 0.0, 0
     for r, (row, labels_row) in enumerate(zip(rows, label_rows, strict=True)):
         for j, (ids, labels) in enumerate(zip(row, labels_row, strict=True)):
-            g = keyed_generator(SEED, 0, 0, r, j)
+            g = keyed_generator(SEED, phase, 0, r, j)
             t = EPS + (1 - EPS) * torch.rand(1, generator=g).item()
             u = torch.rand(1, len(ids), generator=g)[0]
             masked = [u[i].item() < t and labels[i] != -100 for i in range(len(ids))]
@@ -227,6 +227,20 @@ def test_packed_loss_equals_the_examples_alone(family, masked_only, tmp_path):
     loss = trainer.compute_loss(model, packed_batch(rows, label_rows)).item()
     model.eval()
     expected = reference_loss(model, rows, label_rows, shift=family == "dream")
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluation_uses_the_plain_estimator(tmp_path):
+    """In eval mode the same packed loss, from the evaluation keys, with uniform times
+    and one mask, whatever timestep_sampling and complementary_masking say."""
+    model = tiny("llada")
+    ex = examples((6, 9, 4))
+    rows, label_rows = [ex], [[[-100, *e[1:]] for e in ex]]
+    trainer = make_trainer(
+        "llada", model, tmp_path, timestep_sampling="stratified", complementary_masking=True
+    )
+    loss = trainer.compute_loss(model.eval(), packed_batch(rows, label_rows)).item()
+    expected = reference_loss(model, rows, label_rows, shift=False, phase=1)
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
@@ -359,3 +373,33 @@ def test_packed_collator_layout():
     assert batch["segment_ids"].tolist() == [[0, 0, 1, 1, 1], [0, f, f, f, f]]
     with pytest.raises(ValueError, match="do not match"):
         PackedCollator(PAD)([{"input_ids": [1, 2], "labels": [1, 2], "seq_lens": [3]}])
+
+
+# ---- configuration ------------------------------------------------------------------------
+def test_defaults_keep_todays_behaviour_and_dream_cut_offs_are_flagged_under_packing():
+    from dllm_plugin.config import build_job_config, defaults
+    from dllm_plugin.methods import option_problems
+
+    d = defaults()
+    assert d["packing"] is False and d["timestep_sampling"] == "uniform"
+    assert d["complementary_masking"] is False
+    base = {"model_name": "m", "training_method": "dream", "perbatch_cutoff": False}
+    padded = build_job_config(base)
+    assert option_problems(METHODS["dream"], padded) == []
+    packed = build_job_config({**base, "packing": "true"})
+    [problem] = option_problems(METHODS["dream"], packed)
+    assert problem.startswith("perbatch_cutoff: False has no effect with packing")
+
+
+def test_native_packed_attention_runs_for_the_variable_length_kernel():
+    """The runs the CUDA variable-length kernel gets: every example and every row's
+    filler is one run, rows never merge (the kernel itself needs a GPU)."""
+    from dllm_plugin.models.llada import packed_attention
+
+    segments = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0], [0, 1, 2, 3, -1, -1]])
+    mask = packed_attention(segments)
+    cu_seqlens, longest = mask.runs
+    assert cu_seqlens.tolist() == [0, 2, 5, 6, 12, 13, 14, 15, 16, 18]
+    assert cu_seqlens.dtype == torch.int32 and longest == 6
+    same = segments[:, :, None] == segments[:, None, :]
+    assert torch.equal(mask.keys[:, 0], same)

@@ -6,8 +6,9 @@ attention) at the positions it would have alone (0, 1, ... from its first token)
 the model needs for that differs by model type; `PACKED_INPUTS` is the table, and a
 model type missing from it cannot pack (the job fails before any weight is loaded).
 
-- LLaDA, Dream (native, RoPE): `position_ids` restarting at 0 and a [b, L, L] keep-mask,
-  which their SDPA attention takes directly.
+- LLaDA, Dream (native, RoPE): `position_ids` restarting at 0 and the `segment_ids`
+  themselves: their attention builds the block-diagonal SDPA mask, or on CUDA runs
+  torch's variable-length kernel over the examples (models/llada.py packed_attention).
 - BERT, DistilBERT (learned absolute positions): `position_ids` restarting at 0 and the
   4-D mask transformers builds for the model's attention implementation (SDPA, eager,
   ...) with the same-example rule as an extra condition.
@@ -38,16 +39,8 @@ def segment_positions(segment_ids: Tensor) -> Tensor:
     return index - run_start
 
 
-def same_segment(segment_ids: Tensor) -> Tensor:
-    """[b, L, L] bool: query i may attend to key j (same example; filler sees filler)."""
-    return segment_ids[:, :, None] == segment_ids[:, None, :]
-
-
 def _native(config: Any, segment_ids: Tensor) -> dict[str, Any]:
-    return {
-        "position_ids": segment_positions(segment_ids),
-        "attention_mask": same_segment(segment_ids),
-    }
+    return {"position_ids": segment_positions(segment_ids), "segment_ids": segment_ids}
 
 
 def _hf_mask(config: Any, segment_ids: Tensor, builder: Callable | None = None) -> Any:
