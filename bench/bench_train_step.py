@@ -331,10 +331,12 @@ def _worker_env() -> dict[str, str]:
 class Worker:
     """A fresh interpreter running `serve` for one workload x mode, driven over pipes."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], script: Path | None = None) -> None:
+        """`script`: the benchmark whose `--serve` runs the worker (default: this one)."""
         self.spec = spec
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in finish)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(spec)]
+        script = (script or Path(__file__)).resolve()
+        cmd = [sys.executable, str(script), "--serve", json.dumps(spec)]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
             env=_worker_env(),

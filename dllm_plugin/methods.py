@@ -34,6 +34,10 @@ class Method:
     # error for methods that are new enough to have no such templates.
     inapplicable: tuple[str, ...] = ()
     strict_options: bool = False
+    # Packing (data/packing.py): whether the method trains on packed rows, and the
+    # options that act on padded batches only (a packing job that sets them is warned).
+    packs: bool = True
+    padding_only: tuple[str, ...] = ()
 
     def trainer_class(self) -> Any:
         return _load(self.trainer)
@@ -69,6 +73,7 @@ METHODS: dict[str, Method] = {
         summary="Dream SFT: right-shifted logits, CART weights, per-batch response cut-off",
         weight_option="loss_weight_type",
         inapplicable=("mdlm_loss_weight_type",),
+        padding_only=("perbatch_cutoff", "resp_cutoff_ratio"),
     ),
 }
 AUTO = "auto"
@@ -106,12 +111,32 @@ def option_problems(method: Method, cfg: Any) -> list[str]:
     from .config import defaults
 
     default = defaults()
-    return [
+    problems = [
         f"{name}: {cfg.params[name]!r} has no effect with training_method {method.name!r} "
         f"({method.summary}); leave it at its default {default[name]!r}"
         for name in method.inapplicable
         if name in cfg.given and cfg.params[name] != default[name]
     ]
+    if cfg.params.get("packing"):
+        problems += [
+            f"{name}: {cfg.params[name]!r} has no effect with packing (it acts on padded "
+            f"batches); leave it at its default {default[name]!r}"
+            for name in method.padding_only
+            if name in cfg.given and cfg.params[name] != default[name]
+        ]
+    return problems
+
+
+def check_packing(method: Method, model_config: dict[str, Any]) -> None:
+    """Refuse packing, naming why, for a method or model type that cannot pack."""
+    from .models.packing import packed_inputs_for
+
+    if not method.packs:
+        raise ConfigError(
+            f"packing: training_method {method.name!r} does not train on packed rows; "
+            "set packing to false"
+        )
+    packed_inputs_for(model_config)
 
 
 def check_method_options(method: Method, cfg: Any) -> None:

@@ -13,6 +13,7 @@ import torch
 from .callbacks import HostCallback, StopSignals, use_loss_progress_bar
 from .checkpoints import latest_checkpoint
 from .config import JobConfig, looks_like_path, resolve_path
+from .data.packing import PackOptions, pack_dataset
 from .data.sft import TokenizeOptions, build_sft_dataset, split_train_eval
 from .data.sources import FILE_KINDS, line_limit, load_local_dataset, load_named_dataset
 from .data.templates import RowTemplates
@@ -22,7 +23,7 @@ from .evaluation import lm_eval_tasks
 from .evaluation.held_out import HeldOutEvaluation
 from .hosts import Host
 from .jobdir import write_summary
-from .methods import Method, check_method_options, resolve_method
+from .methods import Method, check_method_options, check_packing, resolve_method
 from .models.families import (
     TokenIds,
     detect_family,
@@ -95,6 +96,8 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     family = detect_family(model_config)
     method = resolve_method(cfg.training_method, family, cfg.model_name)
     check_method_options(method, cfg)
+    if cfg.packing:
+        check_packing(method, model_config)
     logger.info("model %s: %s family, training method %s", cfg.model_name, family, method.name)
     tokenizer = load_tokenizer(model_path, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
@@ -127,9 +130,26 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     source = evalset if evalset is not None else train
     n = min(cfg.num_preview_samples, len(source))
     prompts = pick_prompts(source.select(range(n))["messages"], n) if n else []
+    if cfg.packing:
+        train, evalset = pack_splits(cfg, method, ids, max_length, train, evalset)
     return Prepared(
         method, family, model_path, model_config, tokenizer, ids, train, evalset, prompts
     )
+
+
+def pack_splits(
+    cfg: JobConfig, method: Method, ids: TokenIds, max_length: int, train: Any, evalset: Any
+) -> tuple[Any, Any]:
+    """Both splits packed into rows of up to max_length tokens (data/packing.py)."""
+    shifted = method.trainer_class().shift_logits
+    opts = PackOptions(
+        max_length, ids.eos_id, cfg.packing_trailing_eos, shifted, ids.bos_id, cfg.seed
+    )
+    packed = [
+        pack_dataset(split.remove_columns("messages"), opts, name) if split is not None else None
+        for split, name in ((train, "train"), (evalset, "eval"))
+    ]
+    return packed[0], packed[1]
 
 
 def clamp_max_length(max_length: int, limit: int | None) -> int:
@@ -177,7 +197,7 @@ def build_trainer(
     )
     trainer_cls = prep.method.trainer_class()
     collator = trainer_cls.collator(prep.ids.pad_id, cfg)
-    eval_features = prep.eval.remove_columns("messages") if prep.eval is not None else None
+    eval_features = features_only(prep.eval) if prep.eval is not None else None
     previews = []
     if cfg.sample_every_eval and prep.preview_prompts:
         previews.append(
@@ -193,7 +213,7 @@ def build_trainer(
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=prep.train.remove_columns("messages"),
+        train_dataset=features_only(prep.train),
         eval_dataset=eval_features,
         data_collator=collator,
         processing_class=prep.tokenizer,
@@ -206,6 +226,11 @@ def build_trainer(
     for callback in previews:
         callback.trainer = trainer
     return trainer
+
+
+def features_only(split: Any) -> Any:
+    """The split without its messages column (packed splits have none)."""
+    return split.remove_columns("messages") if "messages" in split.column_names else split
 
 
 def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .data.collators import DreamCollator, MDLMCollator
+from .data.collators import DreamCollator, MDLMCollator, PackedCollator
+from .diffusion.layout import ExampleView, count_examples
 from .diffusion.loss import (
     IGNORE_INDEX,
     NORM_TYPES,
@@ -29,9 +30,20 @@ from .diffusion.loss import (
     parse_loss_weight_type,
 )
 from .diffusion.masked_head import HeadVerdict, score_masked
-from .diffusion.noise import EVAL, TRAIN, draw_row_noise
+from .diffusion.noise import (
+    EVAL,
+    TIMESTEP_SAMPLING,
+    TRAIN,
+    ExampleSlot,
+    NoiseDraw,
+    NoiseKeys,
+    NoiseOptions,
+    draw_noise,
+)
 from .diffusion.schedules import get_schedule
 from .models.families import TokenIds
+from .models.packing import packed_inputs_for
+from .rng import seeded_rng
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +70,14 @@ class MDLMTrainingArguments(TrainingArguments):
     head_chunk_size: int = field(
         default=2048, metadata={"help": "Masked positions per head/CE chunk."}
     )
+    timestep_sampling: str = field(
+        default="uniform",
+        metadata={"help": "uniform, or stratified across the global batch (lower variance)."},
+    )
+    complementary_masking: bool = field(
+        default=False,
+        metadata={"help": "Noise each example twice, with complementary masks (t and 1-t)."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Collators need prompt_len."}
     )
@@ -78,12 +98,46 @@ class DreamTrainingArguments(MDLMTrainingArguments):
     )
 
 
+@dataclass(frozen=True)
+class StepCounts:
+    """Global counts of an optimizer step, over its micro-batches and all processes:
+    maskable tokens and examples (the normalisers of `token`, `sequence`, `batch`).
+    None: unknown (evaluation, or a caller that passes only a token count)."""
+
+    tokens: torch.Tensor | int | None
+    examples: torch.Tensor | int | None = None
+
+
+@dataclass(frozen=True)
+class ModelBatch:
+    """The batch as the model sees it, and where its examples are (segment_ids and a
+    packed view for packed rows; one example per row otherwise)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    segment_ids: torch.Tensor | None
+    view: ExampleView
+
+    def repeated(self, copies: int) -> ModelBatch:
+        """The batch stacked `copies` times (complementary masking noises each twice)."""
+        if copies == 1:
+            return self
+        seg = None if self.segment_ids is None else self.segment_ids.repeat(copies, 1)
+        return ModelBatch(
+            self.input_ids.repeat(copies, 1),
+            self.labels.repeat(copies, 1),
+            seg,
+            self.view.repeated(copies),
+        )
+
+
 class MDLMTrainer(Trainer):
     """Masked-diffusion SFT (MDLM/LLaDA recipe) as a Trainer.
 
-    The loss: per sequence t ~ U[eps, 1); mask each maskable position with probability
+    The loss: per example t ~ U[eps, 1); mask each maskable position with probability
     1 - alpha(t); one forward on the noised ids; cross-entropy against the clean ids at
-    masked positions, weighted (1/t for linear) and normalised.
+    masked positions, weighted (1/t for linear) and normalised. Batches are padded rows
+    or packed rows (several examples per row, each attending only to itself).
     """
 
     arguments_class = MDLMTrainingArguments
@@ -112,6 +166,11 @@ class MDLMTrainer(Trainer):
             raise ValueError(
                 f"loss_norm_type {self.args.loss_norm_type!r}: expected one of {NORM_TYPES}"
             )
+        if self.args.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(
+                f"timestep_sampling {self.args.timestep_sampling!r}: "
+                f"expected one of {TIMESTEP_SAMPLING}"
+            )
         self.head_verdict = HeadVerdict(
             self.accelerator.unwrap_model, lambda: bool(self.is_fsdp_enabled)
         )
@@ -123,8 +182,14 @@ class MDLMTrainer(Trainer):
         self._eval_batches = 0
 
     @classmethod
-    def collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator:
-        """The batch collator this method trains with."""
+    def collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator | PackedCollator:
+        """The batch collator: packed rows when the job packs, else the method's padding."""
+        if getattr(cfg, "packing", False):
+            return PackedCollator(pad_token_id=pad_token_id)
+        return cls.padded_collator(pad_token_id, cfg)
+
+    @classmethod
+    def padded_collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator:
         return MDLMCollator(pad_token_id=pad_token_id)
 
     def autocast_smart_context_manager(
@@ -146,24 +211,42 @@ class MDLMTrainer(Trainer):
         model: nn.Module,
         inputs: dict[str, torch.Tensor],
         return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        num_items_in_batch: StepCounts | torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         training = model.training
-        input_ids, labels = self.model_inputs(inputs["input_ids"], inputs["labels"])
-        maskable = labels != IGNORE_INDEX
-        # 1-3. a timestep per row, its mask, the noised ids
-        t, masked = self.draw_noise(maskable, training)
-        noised = self.corrupt(input_ids, masked, self.mask_token_id)
+        batch = self.model_batch(inputs)
+        phase, step, first_row = self._first_row_key(training)
+        keys = NoiseKeys(self.args.seed, phase, step)
+        # 1-3. per example a timestep and its mask (twice with complementary masking)
+        maskable = batch.view.to_examples(batch.labels != IGNORE_INDEX, False)
+        draw = self.draw_noise(maskable, batch.view, keys, first_row, training)
+        batch = batch.repeated(draw.copies)
+        masked = batch.view.to_batch(draw.masked, False)
+        noised = self.corrupt(batch.input_ids, masked, self.mask_token_id)
         # 5-6. per-position weight over the normaliser: loss = sum(scale * CE)
-        scale = self.loss_scale(t, masked, maskable, num_items_in_batch, training)
-        # 4. one forward; cross-entropy at masked positions only
+        example_scale = self.loss_scale(draw, maskable, batch.view, num_items_in_batch, training)
+        scale = batch.view.to_batch(example_scale, 0.0)
+        self._check_shift(masked, batch.view)
+        # 4. one forward (dropout keyed like the noise); cross-entropy at masked positions
         head = self.head_verdict.head(model, noised) if self.args.score_masked_only else None
-        loss, ce = score_masked(
-            model, head, noised, input_ids, masked, scale, self.shift_logits,
-            self.args.head_chunk_size,
-        )  # fmt: skip
-        self._add_metrics(training, ce, masked, maskable)
+        dropout_seed = keys.dropout_seed(first_row) if training else None
+        with seeded_rng(dropout_seed, noised.device):
+            loss, ce = score_masked(
+                model, head, noised, batch.input_ids, masked, scale, self.shift_logits,
+                self.args.head_chunk_size, self.forward_kwargs(model, batch),
+            )  # fmt: skip
+        self._add_metrics(training, ce, masked, batch.labels != IGNORE_INDEX)
         return (loss, None) if return_outputs else loss
+
+    def model_batch(self, inputs: dict[str, torch.Tensor]) -> ModelBatch:
+        """Packed rows as they come; padded rows through `model_inputs` (Dream's BOS)."""
+        if "segment_ids" in inputs:
+            segment_ids = inputs["segment_ids"]
+            view = ExampleView.from_segments(segment_ids)
+            return ModelBatch(inputs["input_ids"], inputs["labels"], segment_ids, view)
+        input_ids, labels = self.model_inputs(inputs["input_ids"], inputs["labels"])
+        view = ExampleView.padded(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        return ModelBatch(input_ids, labels, None, view)
 
     def model_inputs(
         self, input_ids: torch.Tensor, labels: torch.Tensor
@@ -171,14 +254,38 @@ class MDLMTrainer(Trainer):
         """The batch as the model sees it (Dream prepends BOS); MDLM uses it as it is."""
         return self.model_view(input_ids, labels, self.bos_token_id)
 
+    def forward_kwargs(self, model: nn.Module, batch: ModelBatch) -> dict[str, Any]:
+        """Per-example positions and attention for packed rows (models/packing.py)."""
+        if batch.segment_ids is None:
+            return {}
+        config = self.accelerator.unwrap_model(model).config
+        return packed_inputs_for(config)(config, batch.segment_ids)
+
     def draw_noise(
-        self, maskable: torch.Tensor, training: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t [b], masked [b, l]) keyed by (seed, phase, step, global row)."""
-        phase, step, first_row = self._first_row_key(training)
-        return draw_row_noise(
-            maskable, self.schedule, self.args.time_epsilon, self.args.seed, phase, step, first_row
+        self,
+        maskable: torch.Tensor,
+        view: ExampleView,
+        keys: NoiseKeys,
+        first_row: int,
+        training: bool,
+    ) -> NoiseDraw:
+        """Timesteps and masks of the examples [E, Le], keyed by where each one sits.
+
+        Evaluation always uses the plain estimator (uniform t, one mask), so held-out
+        losses compare across timestep_sampling and complementary_masking settings.
+        """
+        args = self.args
+        opts = NoiseOptions(
+            self.schedule,
+            args.time_epsilon,
+            sampling=args.timestep_sampling if training else "uniform",
+            complementary=bool(args.complementary_masking) and training,
+            strata=args.per_device_train_batch_size
+            * args.gradient_accumulation_steps
+            * args.world_size,
         )
+        slots = [ExampleSlot(first_row + row, seg, n) for row, seg, n in view.slots]
+        return draw_noise(maskable, slots, keys, opts)
 
     def _first_row_key(self, training: bool) -> tuple[int, int, int]:
         """(phase, step, index of this micro-batch's first row in the global batch).
@@ -199,14 +306,21 @@ class MDLMTrainer(Trainer):
 
     def loss_scale(
         self,
-        t: torch.Tensor,
-        masked: torch.Tensor,
+        draw: NoiseDraw,
         maskable: torch.Tensor,
-        num_items: torch.Tensor | int | None,
+        view: ExampleView,
+        counts: StepCounts | torch.Tensor | int | None,
         training: bool,
     ) -> torch.Tensor:
-        """Per-position weight times 1/normaliser [b, l] (zero where not masked)."""
-        weights = loss_weights(self.weight_kind, t, masked, self.schedule, self.geo_p)
+        """Per-position weight times 1/normaliser for the noised examples [copies*E, Le]
+        (zero where not masked); the copies of complementary masking share the loss."""
+        present = view.valid if view.packed else None
+        weights = loss_weights(
+            self.weight_kind, draw.t, draw.masked, self.schedule, self.geo_p, present
+        )
+        weights = weights * draw.ratio[:, None]
+        if not isinstance(counts, StepCounts) or not training:
+            counts = StepCounts(counts if training else None)
         accumulation = (
             getattr(
                 self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
@@ -217,11 +331,39 @@ class MDLMTrainer(Trainer):
         norm = normaliser(
             self.args.loss_norm_type,
             maskable,
-            global_items=num_items if training else None,
+            global_items=counts.tokens,
+            global_rows=counts.examples,
             processes=self.accelerator.num_processes,
             accumulation=accumulation,
         )
-        return weights * norm
+        return weights * norm.repeat(draw.copies, 1) / draw.copies
+
+    def _check_shift(self, masked: torch.Tensor, view: ExampleView) -> None:
+        """A right-shifted model must never score an example's first token (packed rows
+        would score it from the previous example): packing puts BOS before such starts."""
+        if self.shift_logits and view.packed and bool((masked & view.first_positions()).any()):
+            raise ValueError(
+                "a packed example's first token is scored by a right-shifted model; "
+                "pack with the BOS id so that every scored start gets a BOS"
+            )
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> StepCounts:
+        """Maskable tokens and examples of the optimizer step, summed over processes.
+
+        The Trainer passes this to compute_loss as `num_items_in_batch`; the examples
+        count is what `sequence`/`batch` normalisation divides by (a packed micro-batch
+        holds a varying number of examples).
+        """
+        local = torch.tensor(
+            [
+                sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batch_samples),
+                sum(count_examples(b) for b in batch_samples),
+            ],
+            device=device,
+        )
+        if self.args.world_size > 1:
+            local = self.accelerator.gather(local[None]).sum(dim=0)
+        return StepCounts(tokens=local[0], examples=local[1])
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
@@ -360,7 +502,7 @@ class DreamTrainer(MDLMTrainer):
     shift_logits = True
 
     @classmethod
-    def collator(cls, pad_token_id: int, cfg: Any) -> DreamCollator:
+    def padded_collator(cls, pad_token_id: int, cfg: Any) -> DreamCollator:
         return DreamCollator(
             pad_token_id=pad_token_id,
             perbatch_cutoff=cfg.perbatch_cutoff,
@@ -374,7 +516,8 @@ class DreamTrainer(MDLMTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepend BOS unless every row's first label is already ignored.
 
-        With the shift, position 0 has no predecessor: it must never be scored.
+        With the shift, position 0 has no predecessor: it must never be scored. (Packed
+        rows get a BOS per example when they are packed: data/packing.py.)
         """
         if bool((labels[:, 0] == IGNORE_INDEX).all()):
             return input_ids, labels

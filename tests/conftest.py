@@ -85,3 +85,22 @@ def trained_llada(tmp_path_factory, lm_eval_tasks_dir) -> dict:
         "adaptor": Path(summary["output_path"]),
         "merged": Path(summary["merged_model_path"]),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dropout_session(tmp_path_factory, minilm_path) -> Path:
+    """The 2-layer BERT with dropout 0.1 (hidden and attention), like real checkpoints."""
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert-d"), minilm_path, dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core box OpenMP contention
+    makes each tiny forward up to ~100x slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`; restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

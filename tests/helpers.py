@@ -30,7 +30,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def tiny_bert(folder: Path, minilm_path: Path) -> Path:
+def tiny_bert(folder: Path, minilm_path: Path, dropout: float = 0.0) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -42,8 +42,8 @@ def tiny_bert(folder: Path, minilm_path: Path) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertForMaskedLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(folder)

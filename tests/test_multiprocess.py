@@ -1,9 +1,14 @@
 """Real multi-process CPU runs through main.py (two gloo ranks under accelerate launch).
 
+The layout guarantee on real data: demo rows of varied lengths (so micro-batches have
+different widths) and a model with dropout 0.1 give the same losses with 2 processes x
+GA 1 as with 1 process x GA 2, padded, and packed with stratified timesteps and
+complementary masking.
+
 Slow by nature (each process imports torch and transformers: about 30-60 s per run on a
 small machine), so the runs are shared: one 2-process run (by the plugin-era host's
-harness, with the host's own older packages after the venv on sys.path), one 1-process
-reference run, two failing runs.
+harness, with the host's own older packages after the venv on sys.path) and its 1-process
+reference, the same packed, and two failing runs.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ def job_config(model: Path, data: Path, **params) -> dict:
         "batch_size": 2,
         "gradient_accumulation_steps": 1,
         "train_steps": STEPS,
-        "max_length": 32,
+        "max_length": 64,
         "learning_rate": 1e-3,
         "learning_rate_schedule": "constant",
         "warmup_ratio": 0,
@@ -100,20 +105,24 @@ def last_line(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
+    """16 demo rows whose answers repeat 1 to 4 times: lengths from ~15 to ~50 tokens."""
+    rows = [json.loads(line) for line in DEMO_ROWS.read_text().splitlines()[:16]]
+    for i, row in enumerate(rows):
+        row["output"] = " ".join([row["output"]] * (1 + i % 4))
     path = tmp_path_factory.mktemp("mp-data") / "rows.jsonl"
-    path.write_text("".join(DEMO_ROWS.read_text().splitlines(keepends=True)[:16]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, tiny_bert_session, data_file):
+def two_process_run(tmp_path_factory, tiny_bert_dropout_session, data_file):
     """Two processes run by the plugin-era host's own harness (tests/fake_tlab), whose
     shared packages, with an older transformers, sit after the venv on its sys.path:
     both ranks must import what the parent imports (on PYTHONPATH that folder would come
-    first in the children)."""
+    first in the children). The model has dropout 0.1, like real checkpoints."""
     folder = tmp_path_factory.mktemp("mp-two")
     workspace = folder / "workspace"
-    config = host_config(workspace, "1", "mp", **job_config(tiny_bert_session, data_file))
+    config = host_config(workspace, "1", "mp", **job_config(tiny_bert_dropout_session, data_file))
     packages = old_host_packages(folder / "host-packages")
     run = run_in_host(
         workspace,
@@ -122,6 +131,16 @@ def two_process_run(tmp_path_factory, tiny_bert_session, data_file):
         timeout=RUN_TIMEOUT_S,
     )
     return run, Path(config["output_dir"])
+
+
+def test_the_rows_have_varied_lengths(data_file, minilm_tokenizer):
+    """What makes the layout test real: micro-batches of different widths."""
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    lengths = {
+        len(minilm_tokenizer(r["instruction"] + " " + r["input"] + " " + r["output"]).input_ids)
+        for r in rows
+    }
+    assert len(lengths) >= 5 and max(lengths) < 64
 
 
 def test_two_processes_train_and_rank_0_writes_outputs(two_process_run):
@@ -148,29 +167,51 @@ def test_two_processes_train_and_rank_0_writes_outputs(two_process_run):
     assert not list(out_dir.rglob("*.tmp-*"))
 
 
-def test_loss_does_not_depend_on_process_count(
-    two_process_run, tmp_path, tiny_bert_session, data_file
-):
-    """Same global batch (2 x 2 processes x GA 1 == 2 x 1 process x GA 2), same seed."""
-    run, out_dir = two_process_run
-    assert run.returncode == 0, run.output[-4000:]
+def assert_same_losses_on_one_process(two_out_dir, tmp_path, model, data_file, **params):
+    """The 2-process run's losses equal those of 1 process x GA 2 (same global batch)."""
     job = write_job(
-        tmp_path / "one",
-        tiny_bert_session,
-        data_file,
-        num_processes=1,
-        gradient_accumulation_steps=2,
-    )
+        tmp_path / "one", model, data_file, num_processes=1, gradient_accumulation_steps=2,
+        **params,
+    )  # fmt: skip
     single = run_main(job)
     assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
     assert "launch plan:" not in single.stdout  # one process trains in place
-    two = losses(out_dir / "run_summary.json")
+    two = losses(two_out_dir / "run_summary.json")
     one = losses(tmp_path / "one" / "out" / "run_summary.json")
     print(f"1 process x GA 2: {one}\n2 processes x GA 1: {two}")
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     assert one[1] == pytest.approx(two[1], abs=1e-5)
     for step in range(2, STEPS + 1):
         assert one[step] == pytest.approx(two[step], rel=1e-3)
+
+
+def test_loss_does_not_depend_on_process_count(
+    two_process_run, tmp_path, tiny_bert_dropout_session, data_file
+):
+    """Same global batch (2 x 2 processes x GA 1 == 2 x 1 process x GA 2), same seed;
+    varied widths, dropout on: the noise and the dropout are keyed by the global row."""
+    run, out_dir = two_process_run
+    assert run.returncode == 0, run.output[-4000:]
+    assert_same_losses_on_one_process(out_dir, tmp_path, tiny_bert_dropout_session, data_file)
+
+
+PACKED = {"packing": True, "timestep_sampling": "stratified", "complementary_masking": True}
+
+
+def test_packed_loss_does_not_depend_on_process_count(
+    tmp_path, tiny_bert_dropout_session, data_file
+):
+    """The same with packed rows, stratified timesteps and complementary masking."""
+    folder = tmp_path / "two"
+    job = write_job(
+        folder, tiny_bert_dropout_session, data_file, num_processes=2, batch_size=1, **PACKED
+    )
+    proc = run_main(job)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "packing train: 16 examples" in proc.stdout + proc.stderr
+    assert_same_losses_on_one_process(
+        folder / "out", tmp_path, tiny_bert_dropout_session, data_file, batch_size=1, **PACKED
+    )
 
 
 def test_child_failure_fails_the_parent_with_the_childs_reason(

@@ -2,7 +2,9 @@
 
 The SFT recipe pads on the RIGHT with the pad/EOS id and gives the padding real labels,
 so the model learns to end its answer with EOS; and it trains without an attention
-mask, so the collators return none (a mask would hide the padded EOS from the model).
+mask, so the padding collators return none (a mask would hide the padded EOS from the
+model). Packed rows (data/packing.py) go through `PackedCollator` instead: the model
+gets per-example positions and attention from their segment ids (models/packing.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from torch import Tensor
 
 from ..rng import keyed_generator
 
-__all__ = ["DreamCollator", "MDLMCollator"]
+__all__ = ["FILLER_SEGMENT", "DreamCollator", "MDLMCollator", "PackedCollator"]
+
+FILLER_SEGMENT = -1
+"""Segment id of the positions after a packed row's last example (never scored)."""
 
 
 class _Row(NamedTuple):
@@ -162,3 +167,47 @@ class DreamCollator(MDLMCollator):
             return None
         cut = int(torch.randint(1, min_resp, (1,), generator=rng))
         return max(len(r.input_ids) for r in rows) - cut
+
+
+@dataclass
+class PackedCollator:
+    """Packed rows right-padded to the batch's longest row, with their segment ids.
+
+    Each feature is one packed row: `input_ids` and `labels` of its examples laid end to
+    end and `seq_lens`, the examples' lengths. Output: input_ids [b, L] (filler: the pad
+    id), labels [b, L] (filler: -100, never scored), segment_ids [b, L] (0, 1, ... per
+    example, FILLER_SEGMENT for the filler); no attention_mask (the trainer builds the
+    per-example attention from the segment ids for the model's type).
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        rows = [self._row(i, f) for i, f in enumerate(features)]
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        segment_ids = torch.full((len(rows), width), FILLER_SEGMENT, dtype=torch.long)
+        for i, (ids, labs, lens) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            labels[i, : len(ids)] = torch.tensor(labs, dtype=torch.long)
+            segment_ids[i, : len(ids)] = torch.repeat_interleave(
+                torch.arange(len(lens)), torch.tensor(lens, dtype=torch.long)
+            )
+        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
+
+    @staticmethod
+    def _row(index: int, feature: Any) -> tuple[list[int], list[int], list[int]]:
+        """Check one packed row: its examples' lengths must add up to its token count."""
+        if not isinstance(feature, Mapping) or "seq_lens" not in feature:
+            raise ValueError(f"packed row {index} has no 'seq_lens' (is packing on?)")
+        ids, labels = _as_int_list(feature["input_ids"]), _as_int_list(feature["labels"])
+        lens = _as_int_list(feature["seq_lens"])
+        if len(ids) != len(labels) or sum(lens) != len(ids) or min(lens, default=0) < 1:
+            raise ValueError(
+                f"packed row {index}: {len(ids)} tokens, {len(labels)} labels and example "
+                f"lengths {lens} do not match"
+            )
+        return ids, labels, lens

@@ -173,23 +173,26 @@ def score_masked(
     scale: torch.Tensor,
     shift: bool,
     chunk_rows: int,
+    forward_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of scale * CE over masked positions, per-masked-token CE for metrics).
 
     `shift`: position i is scored by the output at i - 1 (Dream). With `head` None the
     model's full logits are computed and the CE taken at the same rows.
+    `forward_kwargs` go to the model as they are (packed rows: positions and attention).
     """
+    forward_kwargs = forward_kwargs or {}
     rows, cols = masked.nonzero(as_tuple=True)
     src_cols = cols - 1 if shift else cols
     targets = clean[rows, cols]
     token_scale = scale[rows, cols].to(torch.float32)
     if head is None:
-        logits = model(input_ids=noised).logits
+        logits = model(input_ids=noised, **forward_kwargs).logits
         picked = logits[rows, src_cols]
         del logits  # backward needs only the picked rows: free [b, l, V] now
         return full_logits_cross_entropy(picked, targets, token_scale)
     with swapped_head(model, head) as head_inputs:
-        hidden = model(input_ids=noised).logits
+        hidden = model(input_ids=noised, **forward_kwargs).logits
     if len(head_inputs) != 1 or not is_head_input(head_inputs[0], hidden):
         raise RuntimeError(
             "score_masked_only: the model's output is not its head's input although the "

@@ -30,8 +30,8 @@ from .llada import (
     AttentionMask,
     apply_rope,
     as_positions,
+    attention_for,
     bidirectional_attention,
-    prepare_attention_mask,
     rms_normalize,
     rope_cos_sin,
     run_blocks,
@@ -232,13 +232,14 @@ class DreamBaseModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         output_hidden_states: bool,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Return the final normed hidden states and, optionally, every layer's input."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self._rope(x, position_ids)
-        mask = prepare_attention_mask(attention_mask, mask_pad_queries=True)
+        mask = attention_for(attention_mask, segment_ids, mask_pad_queries=True)
         return run_blocks(
             self.layers, self.norm, x, output_hidden_states, cos=cos, sin=sin, mask=mask
         )
@@ -306,9 +307,12 @@ class DreamModel(PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        segment_ids: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> MaskedLMOutput | tuple:
         """Bidirectional forward; positions default to 0..L-1 (padding is not skipped).
+        ``segment_ids`` [B, L] (extension, packed rows): a token attends only to tokens
+        with its own id.
 
         A 2-D ``attention_mask`` [B, L] (1 = real, 0 = pad) masks pad keys and zeroes the
         attention output of pad queries, exactly what dllm's [B, 1, L, L] bool mask gives;
@@ -319,8 +323,9 @@ class DreamModel(PreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)
         hidden, states = self.model(
-            input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states
-        )
+            input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states,
+            segment_ids,
+        )  # fmt: skip
         logits = self.lm_head(hidden)
         if return_dict is None:
             return_dict = self.config.return_dict
