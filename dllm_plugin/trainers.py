@@ -1,4 +1,5 @@
-"""MDLMTrainer and DreamTrainer: transformers.Trainer subclasses with the diffusion losses.
+"""MDLMTrainer, DreamTrainer and their block-diffusion (BD3LM) forms: transformers.Trainer
+subclasses with the diffusion losses.
 
 Only `compute_loss` (and the evaluation step and metrics) are ours, so checkpoints,
 resume, DDP/FSDP/DeepSpeed and trackers come from the Trainer unchanged. The loss math
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,6 +20,13 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .data.collators import DreamCollator, MDLMCollator
+from .diffusion.blocks import (
+    attention_mask_for,
+    bd3lm_keep_mask,
+    bd3lm_position_ids,
+    draw_block_noise,
+    source_columns,
+)
 from .diffusion.loss import (
     IGNORE_INDEX,
     NORM_TYPES,
@@ -135,12 +143,29 @@ class MDLMTrainer(Trainer):
         scale = self.loss_scale(t, masked, maskable, num_items_in_batch, training)
         # 4. one forward; cross-entropy at masked positions only
         head = self.head_verdict.head(model, noised) if self.args.score_masked_only else None
+        inputs, forward = self.forward_inputs(model, noised, input_ids)
         loss, ce = score_masked(
-            model, head, noised, input_ids, masked, scale, self.shift_logits,
-            self.args.head_chunk_size,
+            model, head, inputs, input_ids, masked, scale,
+            lambda cols: self.source_columns(cols, input_ids.shape[1]),
+            self.args.head_chunk_size, **forward,
         )  # fmt: skip
         self._add_metrics(training, ce, masked, maskable)
         return (loss, None) if return_outputs else loss
+
+    def forward_inputs(
+        self, model: nn.Module, noised: torch.Tensor, clean: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """What the model reads, and its other forward kwargs: MDLM reads the noised ids
+        alone (no attention mask: the padding EOS it is trained on must be visible)."""
+        return noised, {}
+
+    def source_columns(self, cols: torch.Tensor, length: int) -> torch.Tensor:
+        """Output columns that score columns `cols` (one to the left when shifted)."""
+        return cols - 1 if self.shift_logits else cols
+
+    def position_weights(self, t: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """The loss weight of every position [b, l] (0 where not masked)."""
+        return loss_weights(self.weight_kind, t, masked, self.schedule, self.geo_p)
 
     def model_inputs(
         self, input_ids: torch.Tensor, labels: torch.Tensor
@@ -151,7 +176,9 @@ class MDLMTrainer(Trainer):
     def draw_noise(
         self, maskable: torch.Tensor, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t [b], masked [b, l]) keyed by (seed, phase, step, global row)."""
+        """(t [b], masked [b, l]) keyed by (seed, phase, step, global row).
+
+        Block diffusion overrides it: one t per block, returned per position [b, l]."""
         phase, step, first_row = self._first_row_key(training)
         return draw_row_noise(
             maskable, self.schedule, self.args.time_epsilon, self.args.seed, phase, step, first_row
@@ -183,7 +210,7 @@ class MDLMTrainer(Trainer):
         training: bool,
     ) -> torch.Tensor:
         """Per-position weight times 1/normaliser [b, l] (zero where not masked)."""
-        weights = loss_weights(self.weight_kind, t, masked, self.schedule, self.geo_p)
+        weights = self.position_weights(t, masked)
         accumulation = (
             getattr(
                 self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
@@ -282,3 +309,102 @@ class DreamTrainer(MDLMTrainer):
         bos = torch.full_like(input_ids[:, :1], self.bos_token_id)
         ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
         return torch.cat([bos, input_ids], dim=1), torch.cat([ignore, labels], dim=1)
+
+
+# ---- block diffusion (BD3LM) ---------------------------------------------------------
+
+
+@dataclass
+class BD3LMTrainingArguments(MDLMTrainingArguments):
+    """MDLM options plus the block length."""
+
+    block_size: int = field(
+        default=32, metadata={"help": "Tokens per block, in training and in sampling."}
+    )
+
+
+@dataclass
+class DreamBD3LMTrainingArguments(DreamTrainingArguments):
+    """Dream options plus the block length."""
+
+    block_size: int = field(
+        default=32, metadata={"help": "Tokens per block, in training and in sampling."}
+    )
+
+
+class BlockDiffusion:
+    """Block diffusion (BD3LM) on top of a masked-diffusion Trainer (first in its bases).
+
+    The recipe (diffusion/blocks.py): rows are whole blocks (the collator pads each
+    answer with EOS to a whole block); one t per block; the model reads the noised copy
+    followed by the clean copy under the block attention mask, both at positions
+    0..L-1; the cross-entropy is taken at the masked positions of the noised copy,
+    weighted and normalised as in MDLM. Right-shifted models score a block's first token
+    from the clean copy's previous token (the sampler's cached prefix).
+    """
+
+    args: Any
+    shift_logits: bool
+
+    @classmethod
+    def collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator:
+        """The base method's collator, filling each row to whole blocks; shifted models
+        never score column 0 (nothing precedes it; no BOS is prepended, so the block grid
+        starts at the prompt's first token as in the sampler)."""
+        base = super().collator(pad_token_id, cfg)
+        return replace(base, block_size=cfg.block_size, ignore_first_token=cls.shift_logits)
+
+    def model_inputs(
+        self, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch as collated: whole blocks, nothing prepended."""
+        if input_ids.shape[1] % self.args.block_size:
+            raise ValueError(
+                f"a block-diffusion batch of width {input_ids.shape[1]} is not whole blocks of "
+                f"{self.args.block_size}: use the method's collator"
+            )
+        if self.shift_logits and not bool((labels[:, 0] == IGNORE_INDEX).all()):
+            raise ValueError("a right-shifted model cannot score column 0: its label must be -100")
+        return input_ids, labels
+
+    def draw_noise(
+        self, maskable: torch.Tensor, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        phase, step, first_row = self._first_row_key(training)
+        return draw_block_noise(
+            maskable, self.args.block_size, self.schedule, self.args.time_epsilon,
+            self.args.seed, phase, step, first_row,
+        )  # fmt: skip
+
+    def forward_inputs(
+        self, model: nn.Module, noised: torch.Tensor, clean: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """[noised ; clean] with the block mask and both copies at positions 0..L-1."""
+        rows, length = clean.shape
+        keep = bd3lm_keep_mask(length, self.args.block_size, clean.device)
+        unwrapped = self.accelerator.unwrap_model(model)
+        positions = bd3lm_position_ids(length, clean.device).expand(rows, -1)
+        return torch.cat([noised, clean], dim=1), {
+            "attention_mask": attention_mask_for(unwrapped, keep),
+            "position_ids": positions,
+        }
+
+    def source_columns(self, cols: torch.Tensor, length: int) -> torch.Tensor:
+        return source_columns(cols, length, self.args.block_size, self.shift_logits)
+
+    def position_weights(self, t: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        return loss_weights(
+            self.weight_kind, t, masked, self.schedule, self.geo_p, self.args.block_size
+        )
+
+
+class BD3LMTrainer(BlockDiffusion, MDLMTrainer):
+    """Block-diffusion SFT of unshifted models (BERT family, LLaDA, a2d)."""
+
+    arguments_class = BD3LMTrainingArguments
+
+
+class DreamBD3LMTrainer(BlockDiffusion, DreamTrainer):
+    """Block-diffusion SFT of Dream: right-shifted logits, block-wise CART weights."""
+
+    arguments_class = DreamBD3LMTrainingArguments

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cart import cart_weights
+from .cart import block_cart_weights, cart_weights
 from .schedules import NoiseSchedule
 
 IGNORE_INDEX = -100
@@ -63,14 +63,21 @@ def loss_weights(
     masked: Tensor,
     schedule: NoiseSchedule,
     geo_p: float | None = None,
+    block_size: int | None = None,
 ) -> Tensor:
-    """Per-position fp32 loss weights [b, l]; zero wherever the position is not masked."""
+    """Per-position fp32 loss weights [b, l]; zero wherever the position is not masked.
+
+    `t` is one time per row [b], or per position [b, l] (block diffusion: one per block).
+    With `block_size`, CART counts only the context a block sees (block_cart_weights).
+    """
     masked = masked.bool()
     if kind == "scheduler":
-        per_row = schedule.weight(t.to(torch.float32))
-        return per_row[:, None] * masked
+        weight = schedule.weight(t.to(torch.float32))
+        return (weight[:, None] if weight.dim() == 1 else weight) * masked
     if kind == "uniform":
         return masked.to(torch.float32)
+    if kind == "cart" and block_size:
+        return block_cart_weights(masked, geo_p, block_size)
     if kind == "cart":
         return cart_weights(masked, geo_p)
     raise ValueError(f"unknown loss weight kind {kind!r}; accepted: 'scheduler', 'uniform', 'cart'")
