@@ -136,6 +136,8 @@ def check_against_model(args: argparse.Namespace, setup: GenerationSetup) -> lis
         )
     prompt_ids = prompt_token_ids(setup.tokenizer, messages(args))
     needed = len(prompt_ids) + args.max_new_tokens
+    if setup.trained_block_size:  # block diffusion writes whole blocks
+        needed = -(-needed // setup.trained_block_size) * setup.trained_block_size
     if setup.limit is not None and needed > setup.limit:
         raise UserError(
             f"--prompt: {len(prompt_ids)} prompt tokens + --max-new-tokens {args.max_new_tokens} "

@@ -137,7 +137,7 @@ class MDLMTrainer(Trainer):
         input_ids, labels = self.model_inputs(inputs["input_ids"], inputs["labels"])
         maskable = labels != IGNORE_INDEX
         # 1-3. a timestep per row, its mask, the noised ids
-        t, masked = self.draw_noise(maskable, training)
+        t, masked = self.draw_noise(maskable, self._first_row_key(training))
         noised = torch.where(masked, torch.full_like(input_ids, self.mask_token_id), input_ids)
         # 5-6. per-position weight over the normaliser: loss = sum(scale * CE)
         scale = self.loss_scale(t, masked, maskable, num_items_in_batch, training)
@@ -174,12 +174,13 @@ class MDLMTrainer(Trainer):
         return input_ids, labels
 
     def draw_noise(
-        self, maskable: torch.Tensor, training: bool
+        self, maskable: torch.Tensor, key: tuple[int, int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t [b], masked [b, l]) keyed by (seed, phase, step, global row).
+        """(t [b], masked [b, l]) keyed by (seed, phase, step, global row), where `key` is
+        (phase, step, global index of the first row).
 
         Block diffusion overrides it: one t per block, returned per position [b, l]."""
-        phase, step, first_row = self._first_row_key(training)
+        phase, step, first_row = key
         return draw_row_noise(
             maskable, self.schedule, self.args.time_epsilon, self.args.seed, phase, step, first_row
         )
@@ -226,6 +227,38 @@ class MDLMTrainer(Trainer):
             accumulation=accumulation,
         )
         return weights * norm
+
+    @torch.no_grad()
+    def example_losses(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        key: tuple[int, int, int] = (EVAL, 0, 0),
+    ) -> torch.Tensor:
+        """Each row's loss [b]: the weighted CE over its masked positions divided by its
+        maskable count, for the noise drawn under `key` (phase, step, first row's global
+        index), so every call with the same key scores the same draws.
+
+        The per-example form of this method's loss for evaluation (held-out ELBO): with
+        `loss_norm_type` sequence, compute_loss is their mean under the training key.
+        """
+        input_ids, labels = self.model_inputs(input_ids, labels)
+        maskable = labels != IGNORE_INDEX
+        t, masked = self.draw_noise(maskable, key)
+        noised = torch.where(masked, torch.full_like(input_ids, self.mask_token_id), input_ids)
+        weights = self.position_weights(t, masked)
+        head = self.head_verdict.head(model, noised) if self.args.score_masked_only else None
+        inputs, forward = self.forward_inputs(model, noised, input_ids)
+        _, ce = score_masked(
+            model, head, inputs, input_ids, masked, weights,
+            lambda cols: self.source_columns(cols, input_ids.shape[1]),
+            self.args.head_chunk_size, **forward,
+        )  # fmt: skip
+        rows, cols = masked.nonzero(as_tuple=True)
+        totals = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=ce.device)
+        totals.index_add_(0, rows, (weights[rows, cols] * ce).double())
+        return totals / maskable.sum(dim=1).clamp(min=1)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
@@ -368,9 +401,9 @@ class BlockDiffusion:
         return input_ids, labels
 
     def draw_noise(
-        self, maskable: torch.Tensor, training: bool
+        self, maskable: torch.Tensor, key: tuple[int, int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        phase, step, first_row = self._first_row_key(training)
+        phase, step, first_row = key
         return draw_block_noise(
             maskable, self.args.block_size, self.schedule, self.args.time_epsilon,
             self.args.seed, phase, step, first_row,

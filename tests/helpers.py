@@ -187,8 +187,10 @@ def a2d_tokenizer():
     return char_tokenizer(specials, eos_token="<|endoftext|>")
 
 
-def tiny_causal_lm(family: str, seed: int = 0, attn: str = "sdpa", hidden: int = 32):
-    """(a random causal LM of `family`, its tokenizer): 2 layers, GQA, positions 256."""
+def tiny_causal_lm(
+    family: str, seed: int = 0, attn: str = "sdpa", hidden: int = 32, layers: int = 2
+):
+    """(a random causal LM of `family`, its tokenizer): GQA, positions 256."""
     import torch
     import transformers
 
@@ -198,7 +200,7 @@ def tiny_causal_lm(family: str, seed: int = 0, attn: str = "sdpa", hidden: int =
         vocab_size=rows or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -212,9 +214,9 @@ def tiny_causal_lm(family: str, seed: int = 0, attn: str = "sdpa", hidden: int =
     return getattr(transformers, model_name)(config).eval(), tokenizer
 
 
-def causal_lm_dir(family: str, dest: Path, seed: int = 0) -> Path:
+def causal_lm_dir(family: str, dest: Path, seed: int = 0, layers: int = 2) -> Path:
     """A saved tiny causal LM checkpoint with its tokenizer (what a user would pick)."""
-    model, tokenizer = tiny_causal_lm(family, seed)
+    model, tokenizer = tiny_causal_lm(family, seed, layers=layers)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
