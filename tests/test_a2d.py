@@ -242,3 +242,47 @@ def test_a2d_refuses_options_it_ignores(tmp_path):
     with pytest.raises(ConfigError, match="block_size: 8 has no effect with training_method 'a2d'"):
         build_job_config({"training_method": "a2d", "block_size": 8})
     assert a2d.MASK_TOKEN == "<|mask|>"
+
+
+def test_lora_adaptor_on_a_resized_base_equals_the_merged_model(tmp_path, capsys):
+    """Llama's tokenizer fills its rows, so the mask token resizes the embedding: the
+    adaptor reapplied to a freshly converted base gives the merged model's logits."""
+    from peft import PeftModel
+
+    summary = run_pairs_job(
+        tmp_path,
+        "llama",
+        training_method="a2d",
+        lora=True,
+        lora_r=8,
+        lora_alpha=16,
+        train_steps=8,
+        learning_rate=1e-2,
+        merge_adaptor=True,
+        num_preview_samples=0,
+    )
+    folder = tmp_path / "llama"
+    _, tokenizer = tiny_causal_lm("llama")
+    ids = prepare_tokenizer(tokenizer, "a2d", read_model_config(str(folder)))
+    x = torch.randint(0, ids.tokenizer_size, (2, 10), generator=torch.Generator().manual_seed(9))
+    base = from_pretrained(str(folder), "a2d", ids).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=x).logits
+        adapted = PeftModel.from_pretrained(base, summary["output_path"]).eval()(input_ids=x).logits
+        merged_model = AutoModelForMaskedLM.from_pretrained(summary["merged_model_path"]).eval()
+        merged = merged_model(input_ids=x).logits
+    assert merged.shape[-1] == ids.tokenizer_size == 101
+    assert (adapted - base_logits).abs().max() > 1e-3  # the adaptor changed something
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+    capsys.readouterr()  # the training job's output
+    answers = []
+    for argv in (
+        ["--model", str(folder), "--adaptor", summary["output_path"]],
+        ["--model", summary["merged_model_path"]],
+    ):
+        assert (
+            generate.main([*argv, "--prompt", "sky?", "--max-new-tokens", "6", "--device", "cpu"])
+            == 0
+        )
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1]
