@@ -136,21 +136,28 @@ class MDLMTrainer(Trainer):
         training = model.training
         input_ids, labels = self.model_inputs(inputs["input_ids"], inputs["labels"])
         maskable = labels != IGNORE_INDEX
-        # 1-3. a timestep per row, its mask, the noised ids
+        # 1-2. a timestep per row (per block for block diffusion) and its mask
         t, masked = self.draw_noise(maskable, self._first_row_key(training))
-        noised = torch.where(masked, torch.full_like(input_ids, self.mask_token_id), input_ids)
         # 5-6. per-position weight over the normaliser: loss = sum(scale * CE)
         scale = self.loss_scale(t, masked, maskable, num_items_in_batch, training)
-        # 4. one forward; cross-entropy at masked positions only
+        # 3-4. the noised ids, one forward, cross-entropy at masked positions only
+        loss, ce = self.score(model, input_ids, masked, scale)
+        self._add_metrics(training, ce, masked, maskable)
+        return (loss, None) if return_outputs else loss
+
+    def score(
+        self, model: nn.Module, input_ids: torch.Tensor, masked: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask, one forward, and (sum of scale * CE, the CE of each masked position in the
+        order of masked.nonzero())."""
+        noised = torch.where(masked, torch.full_like(input_ids, self.mask_token_id), input_ids)
         head = self.head_verdict.head(model, noised) if self.args.score_masked_only else None
         inputs, forward = self.forward_inputs(model, noised, input_ids)
-        loss, ce = score_masked(
+        return score_masked(
             model, head, inputs, input_ids, masked, scale,
             lambda cols: self.source_columns(cols, input_ids.shape[1]),
             self.args.head_chunk_size, **forward,
         )  # fmt: skip
-        self._add_metrics(training, ce, masked, maskable)
-        return (loss, None) if return_outputs else loss
 
     def forward_inputs(
         self, model: nn.Module, noised: torch.Tensor, clean: torch.Tensor
@@ -246,15 +253,8 @@ class MDLMTrainer(Trainer):
         input_ids, labels = self.model_inputs(input_ids, labels)
         maskable = labels != IGNORE_INDEX
         t, masked = self.draw_noise(maskable, key)
-        noised = torch.where(masked, torch.full_like(input_ids, self.mask_token_id), input_ids)
         weights = self.position_weights(t, masked)
-        head = self.head_verdict.head(model, noised) if self.args.score_masked_only else None
-        inputs, forward = self.forward_inputs(model, noised, input_ids)
-        _, ce = score_masked(
-            model, head, inputs, input_ids, masked, weights,
-            lambda cols: self.source_columns(cols, input_ids.shape[1]),
-            self.args.head_chunk_size, **forward,
-        )  # fmt: skip
+        _, ce = self.score(model, input_ids, masked, weights)
         rows, cols = masked.nonzero(as_tuple=True)
         totals = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=ce.device)
         totals.index_add_(0, rows, (weights[rows, cols] * ce).double())
