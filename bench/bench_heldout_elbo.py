@@ -68,7 +68,7 @@ def plain_variance(model, ids, scorer, verdict, rows: list[Row], draws: int) -> 
                     x,
                     masked,
                     weight,
-                    scorer.shift_logits,
+                    (lambda cols: cols - 1) if scorer.shift_logits else (lambda cols: cols),
                     4096,
                 )
             rows_of_ce = masked.nonzero(as_tuple=True)[0]

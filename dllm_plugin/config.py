@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
-from .methods import AUTO, METHODS, check_method_options
+from .methods import AUTO, check_method_options, method_row
 
 if TYPE_CHECKING:
     import jsonschema
@@ -248,7 +248,7 @@ def build_job_config(
     host.setdefault("output_dir", STANDALONE_OUTPUT_DIR)
     cfg = JobConfig(params, host, experiment, source_dir, frozenset(k for k in raw if k in schemas))
     if cfg.training_method != AUTO:  # with auto the model decides (checked before loading it)
-        check_method_options(METHODS[cfg.training_method], cfg)
+        check_method_options(method_row(cfg.training_method, cfg.diffusion_type), cfg)
     return cfg
 
 

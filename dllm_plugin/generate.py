@@ -4,7 +4,9 @@
         [--steps N --max-new-tokens N --block-size N --temperature T]
 
 Loads a base model (optionally with a LoRA adaptor) or a full fine-tune, formats the
-prompt with the family's chat template and prints the answer.
+prompt with the family's chat template and prints the answer, sampled the way the model
+was trained (the saved diffusion_recipe.json: block diffusion samples block by block with
+its trained block size).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .methods import Method, resolve_method
+from .methods import AUTO, Method, read_recipe, resolve_method, saved_method
 from .models.families import (
     TokenIds,
     detect_family,
@@ -48,7 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--steps", type=int, default=None, help="denoising steps (default: max-new-tokens)"
     )
     parser.add_argument(
-        "--block-size", type=int, default=32, help="MDLM block length (bert, llada)"
+        "--block-size",
+        type=int,
+        default=None,
+        help="MDLM block length (default 32); block diffusion uses its trained size",
     )
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy and deterministic"
@@ -73,6 +78,7 @@ class GenerationSetup:
     tokenizer: Any
     ids: TokenIds
     limit: int | None  # the model's position limit
+    trained_block_size: int | None = None  # block diffusion: the block size it was trained with
 
 
 def prepare_generation(
@@ -92,8 +98,15 @@ def prepare_generation(
     tokenizer = load_tokenizer(tokenizer_source, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
     limit = position_limit(model_config, family)
-    method = resolve_method(training_method, family, model_name)
-    return GenerationSetup(model_path, family, method, tokenizer, ids, limit)
+    trained = read_recipe(adaptor) if adaptor else None
+    if trained is None and Path(model_path).is_dir():
+        trained = read_recipe(model_path)
+    if training_method == AUTO:  # as it was trained (its recipe), else the family's
+        method = saved_method(trained, family)
+    else:
+        method = resolve_method(training_method, family, model_name)
+    block_size = trained.get("block_size") if trained else None
+    return GenerationSetup(model_path, family, method, tokenizer, ids, limit, block_size)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -121,8 +134,15 @@ def check_against_model(args: argparse.Namespace, setup: GenerationSetup) -> lis
             f"--algorithm: {args.algorithm!r} is not one of {', '.join(allowed)} "
             f"({setup.family} models)"
         )
+    if setup.trained_block_size and args.block_size not in (None, setup.trained_block_size):
+        raise UserError(
+            f"--block-size: this model was trained with block diffusion in blocks of "
+            f"{setup.trained_block_size}; it must be sampled with the same size"
+        )
     prompt_ids = prompt_token_ids(setup.tokenizer, messages(args))
     needed = len(prompt_ids) + args.max_new_tokens
+    if setup.trained_block_size:  # block diffusion writes whole blocks
+        needed = -(-needed // setup.trained_block_size) * setup.trained_block_size
     if setup.limit is not None and needed > setup.limit:
         raise UserError(
             f"--prompt: {len(prompt_ids)} prompt tokens + --max-new-tokens {args.max_new_tokens} "
@@ -138,12 +158,10 @@ def messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def load_weights(setup: GenerationSetup, adaptor: str | None, device: str) -> Any:
     """The model (with the adaptor applied), in eval mode on `device`."""
-    from transformers import AutoModelForMaskedLM
-
-    from . import models  # noqa: F401  (native LLaDA/Dream classes)
+    from .models.loading import from_pretrained
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForMaskedLM.from_pretrained(setup.model_path, dtype=dtype)
+    model = from_pretrained(setup.model_path, setup.family, setup.ids, dtype=dtype)
     if adaptor:
         from peft import PeftModel
 
@@ -170,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         config = SamplingConfig(
             max_new_tokens=args.max_new_tokens,
             steps=args.steps or args.max_new_tokens,
-            block_size=min(args.block_size, args.max_new_tokens),
+            block_size=setup.trained_block_size or min(args.block_size or 32, args.max_new_tokens),
             temperature=args.temperature,
             algorithm=args.algorithm or "low_confidence",  # Dream reads it as maskgit_plus
             seed=args.seed,

@@ -16,6 +16,7 @@ from typing import Any
 from .atomic import atomic_folder, write_json
 from .destinations import adaptor_dir, full_model_dir, refusal, write_marker
 from .errors import ConfigError
+from .methods import RECIPE_FILE, recipe
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +64,18 @@ def _architecture(model: Any) -> str:
     return archs[0]
 
 
+def _write_recipe(folder: Path, prep: Any, cfg: Any) -> None:
+    """How the model was trained, for generate and evaluation (methods.RECIPE_FILE)."""
+    write_json(folder / RECIPE_FILE, recipe(prep.method, cfg.block_size))
+
+
 def _save_full(
     model: Any,
-    tokenizer: Any,
+    prep: Any,
     dest: Path,
     record: dict[str, Any] | None,
     kind: str,
     cfg: Any,
-    base_model: Path,
 ) -> None:
     def write(tmp: Path) -> None:
         # The checkpoint's remote-code map points at files we do not copy: drop it so
@@ -78,11 +83,12 @@ def _save_full(
         if hasattr(model.config, "auto_map"):
             del model.config.auto_map
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
+        _write_recipe(tmp, prep, cfg)
         if record is not None:
             write_json(tmp / "index.json", record)
 
-    save_model_folder(dest, write, kind, cfg, base_model)
+    save_model_folder(dest, write, kind, cfg, Path(prep.model_path))
 
 
 def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]:
@@ -93,7 +99,11 @@ def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]
         dest = adaptor_dir(cfg)
         save_model_folder(
             dest,
-            lambda tmp: (model.save_pretrained(tmp), prep.tokenizer.save_pretrained(tmp)),
+            lambda tmp: (
+                model.save_pretrained(tmp),
+                prep.tokenizer.save_pretrained(tmp),
+                _write_recipe(tmp, prep, cfg),
+            ),
             "adaptor",
             cfg,
             Path(prep.model_path),
@@ -106,7 +116,7 @@ def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]
     dest = full_model_dir(cfg, models_dir)
     architecture = _architecture(model)
     record = _host_record(dest.name, architecture, cfg) if models_dir is not None else None
-    _save_full(model, prep.tokenizer, dest, record, "model", cfg, Path(prep.model_path))
+    _save_full(model, prep, dest, record, "model", cfg)
     if record is not None:
         host.register_model(dest, dest.name, architecture)
     host.output_saved(dest, "model", architecture, cfg.model_name)
@@ -125,14 +135,15 @@ def save_merged(cfg: Any, prep: Any, adaptor: Path, host: Any, models_dir: Path 
     """Base (reloaded unquantised, fp32) + adaptor, merged and saved as a full model."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForMaskedLM
 
-    base = AutoModelForMaskedLM.from_pretrained(prep.model_path, dtype=torch.float32)
+    from .models.loading import from_pretrained
+
+    base = from_pretrained(prep.model_path, prep.family, prep.ids, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adaptor)).merge_and_unload()
     dest = full_model_dir(cfg, models_dir, suffix="_merged")
     architecture = _architecture(merged)
     record = _host_record(dest.name, architecture, cfg) if models_dir is not None else None
-    _save_full(merged, prep.tokenizer, dest, record, "merged model", cfg, Path(prep.model_path))
+    _save_full(merged, prep, dest, record, "merged model", cfg)
     if record is not None:
         host.register_model(dest, dest.name, architecture)
     host.output_saved(dest, "merged model", architecture, cfg.model_name)

@@ -94,14 +94,21 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     model_path = resolve_model(cfg)
     model_config = read_model_config(model_path)
     family = detect_family(model_config)
-    method = resolve_method(cfg.training_method, family, cfg.model_name)
+    method = resolve_method(
+        cfg.training_method,
+        family,
+        cfg.model_name,
+        cfg.diffusion_type,
+        model_config.get("model_type"),
+    )
     check_method_options(method, cfg)
     if cfg.packing:
         check_packing(method, model_config)
-    logger.info("model %s: %s family, training method %s", cfg.model_name, family, method.name)
+    logger.info("model %s: %s family, %s", cfg.model_name, family, method.title)
     tokenizer = load_tokenizer(model_path, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
     max_length = clamp_max_length(cfg.max_length, position_limit(model_config, family))
+    max_length = method.row_length(max_length, cfg.block_size)
     rows = load_rows(cfg, host)
     train_rows, eval_rows = split_train_eval(rows, cfg.eval_split_ratio, cfg.seed)
     templates = RowTemplates(
@@ -208,6 +215,7 @@ def build_trainer(
                 prep.preview_prompts,
                 cfg.preview_max_new_tokens,
                 host,
+                prep.method.sampling_block_size(cfg.block_size),
             )
         )
     trainer = trainer_cls(
@@ -246,7 +254,7 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
         logger.info("the trained %s will be saved to %s", dest.kind, dest.path)
     prep = prepare(cfg, host)
     tasks = lm_eval_tasks.plan(cfg)  # checked before any weight is loaded
-    loaded = load_model(prep.model_path, prep.family, load_options(cfg))
+    loaded = load_model(prep.model_path, prep.family, load_options(cfg), prep.ids)
     stop = StopSignals()
     held_out = HeldOutEvaluation.for_job(cfg, prep)
     trainer = build_trainer(cfg, prep, loaded.model, host, stop, held_out)
@@ -263,6 +271,7 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "status": "complete" if finished else "stopped",
         "method": prep.method.name,
+        "diffusion_type": prep.method.diffusion_type,
         "model_name": cfg.model_name,
         "global_step": trainer.state.global_step,
         "train_loss": metrics.get("train_loss"),
@@ -316,6 +325,7 @@ def preview_answers(cfg: JobConfig, prep: Prepared, trainer: Any, title: str) ->
         prep.method,
         prep.preview_prompts,
         cfg.preview_max_new_tokens,
+        prep.method.sampling_block_size(cfg.block_size),
     )
     log_previews(title, prep.preview_prompts, answers)
     return answers

@@ -1,4 +1,5 @@
-"""MDLMTrainer and DreamTrainer: transformers.Trainer subclasses with the diffusion losses.
+"""MDLMTrainer, DreamTrainer and their block-diffusion (BD3LM) forms: transformers.Trainer
+subclasses with the diffusion losses.
 
 Only `compute_loss` (and the evaluation step and metrics) are ours, so checkpoints,
 resume, DDP/FSDP/DeepSpeed and trackers come from the Trainer unchanged. The loss math
@@ -13,7 +14,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,6 +22,13 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .data.collators import DreamCollator, MDLMCollator, PackedCollator
+from .diffusion.blocks import (
+    attention_mask_for,
+    bd3lm_keep_mask,
+    bd3lm_position_ids,
+    draw_block_noise,
+    source_columns,
+)
 from .diffusion.layout import ExampleView, count_examples
 from .diffusion.loss import (
     IGNORE_INDEX,
@@ -217,24 +225,21 @@ class MDLMTrainer(Trainer):
         batch = self.model_batch(inputs)
         phase, step, first_row = self._first_row_key(training)
         keys = NoiseKeys(self.args.seed, phase, step)
-        # 1-3. per example a timestep and its mask (twice with complementary masking)
+        # 1-2. per example a timestep (per block for block diffusion) and its mask
+        # (twice with complementary masking)
         maskable = batch.view.to_examples(batch.labels != IGNORE_INDEX, False)
         draw = self.draw_noise(maskable, batch.view, keys, first_row, training)
         batch = batch.repeated(draw.copies)
         masked = batch.view.to_batch(draw.masked, False)
-        noised = self.corrupt(batch.input_ids, masked, self.mask_token_id)
         # 5-6. per-position weight over the normaliser: loss = sum(scale * CE)
         example_scale = self.loss_scale(draw, maskable, batch.view, num_items_in_batch, training)
         scale = batch.view.to_batch(example_scale, 0.0)
         self._check_shift(masked, batch.view)
-        # 4. one forward (dropout keyed like the noise); cross-entropy at masked positions
-        head = self.head_verdict.head(model, noised) if self.args.score_masked_only else None
+        # 3-4. the noised ids, one forward (dropout keyed like the noise), cross-entropy
+        # at masked positions only
         dropout_seed = keys.dropout_seed(first_row) if training else None
-        with seeded_rng(dropout_seed, noised.device):
-            loss, ce = score_masked(
-                model, head, noised, batch.input_ids, masked, scale, self.shift_logits,
-                self.args.head_chunk_size, self.forward_kwargs(model, batch),
-            )  # fmt: skip
+        with seeded_rng(dropout_seed, batch.input_ids.device):
+            loss, ce = self.score(model, batch, masked, scale)
         self._add_metrics(training, ce, masked, batch.labels != IGNORE_INDEX)
         return (loss, None) if return_outputs else loss
 
@@ -248,18 +253,48 @@ class MDLMTrainer(Trainer):
         view = ExampleView.padded(input_ids.shape[0], input_ids.shape[1], input_ids.device)
         return ModelBatch(input_ids, labels, None, view)
 
+    def score(
+        self, model: nn.Module, batch: ModelBatch, masked: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask, one forward, and (sum of scale * CE, the CE of each masked position in the
+        order of masked.nonzero())."""
+        clean = batch.input_ids
+        noised = self.corrupt(clean, masked, self.mask_token_id)
+        head = self.head_verdict.head(model, noised) if self.args.score_masked_only else None
+        inputs, forward = self.forward_inputs(model, noised, batch)
+        return score_masked(
+            model, head, inputs, clean, masked, scale,
+            lambda cols: self.source_columns(cols, clean.shape[1]),
+            self.args.head_chunk_size, **forward,
+        )  # fmt: skip
+
+    def forward_inputs(
+        self, model: nn.Module, noised: torch.Tensor, batch: ModelBatch
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """What the model reads, and its other forward kwargs: MDLM reads the noised ids
+        alone (no attention mask: the padding EOS it is trained on must be visible);
+        packed rows add per-example positions and attention (models/packing.py)."""
+        if batch.segment_ids is None:
+            return noised, {}
+        config = self.accelerator.unwrap_model(model).config
+        return noised, packed_inputs_for(config)(config, batch.segment_ids)
+
+    def source_columns(self, cols: torch.Tensor, length: int) -> torch.Tensor:
+        """Output columns that score columns `cols` (one to the left when shifted)."""
+        return cols - 1 if self.shift_logits else cols
+
+    def position_weights(
+        self, t: torch.Tensor, masked: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss weight of every position [b, l] (0 where not masked); `present`: the
+        positions of a packed example's view row that belong to it."""
+        return loss_weights(self.weight_kind, t, masked, self.schedule, self.geo_p, present)
+
     def model_inputs(
         self, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch as the model sees it (Dream prepends BOS); MDLM uses it as it is."""
         return self.model_view(input_ids, labels, self.bos_token_id)
-
-    def forward_kwargs(self, model: nn.Module, batch: ModelBatch) -> dict[str, Any]:
-        """Per-example positions and attention for packed rows (models/packing.py)."""
-        if batch.segment_ids is None:
-            return {}
-        config = self.accelerator.unwrap_model(model).config
-        return packed_inputs_for(config)(config, batch.segment_ids)
 
     def draw_noise(
         self,
@@ -315,9 +350,7 @@ class MDLMTrainer(Trainer):
         """Per-position weight times 1/normaliser for the noised examples [copies*E, Le]
         (zero where not masked); the copies of complementary masking share the loss."""
         present = view.valid if view.packed else None
-        weights = loss_weights(
-            self.weight_kind, draw.t, draw.masked, self.schedule, self.geo_p, present
-        )
+        weights = self.position_weights(draw.t, draw.masked, present)
         weights = weights * draw.ratio[:, None]
         if not isinstance(counts, StepCounts) or not training:
             counts = StepCounts(counts if training else None)
@@ -364,6 +397,36 @@ class MDLMTrainer(Trainer):
         if self.args.world_size > 1:
             local = self.accelerator.gather(local[None]).sum(dim=0)
         return StepCounts(tokens=local[0], examples=local[1])
+
+    @torch.no_grad()
+    def example_losses(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        key: tuple[int, int, int] = (EVAL, 0, 0),
+    ) -> torch.Tensor:
+        """Each row's loss [b]: the weighted CE over its masked positions divided by its
+        maskable count, for the noise drawn under `key` (phase, step, first row's global
+        index), so every call with the same key scores the same draws.
+
+        The per-example form of this method's loss for evaluation (held-out ELBO): with
+        `loss_norm_type` sequence, compute_loss is their mean under the training key.
+        """
+        input_ids, labels = self.model_inputs(input_ids, labels)
+        maskable = labels != IGNORE_INDEX
+        view = ExampleView.padded(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        phase, step, first_row = key
+        draw = self.draw_noise(
+            maskable, view, NoiseKeys(self.args.seed, phase, step), first_row, False
+        )
+        masked = draw.masked
+        weights = self.position_weights(draw.t, masked)
+        _, ce = self.score(model, ModelBatch(input_ids, labels, None, view), masked, weights)
+        rows, cols = masked.nonzero(as_tuple=True)
+        totals = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=ce.device)
+        totals.index_add_(0, rows, (weights[rows, cols] * ce).double())
+        return totals / maskable.sum(dim=1).clamp(min=1)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
@@ -441,9 +504,11 @@ class MDLMTrainer(Trainer):
         """
         masked, weight = cls.elbo_noise(labels != IGNORE_INDEX, u, generators)
         noised = cls.corrupt(input_ids, masked, ids.mask_id)
+        shift = cls.shift_logits
         _, ce = score_masked(
-            model, head, noised, input_ids, masked, weight, cls.shift_logits, chunk_rows
-        )
+            model, head, noised, input_ids, masked, weight,
+            lambda cols: cols - 1 if shift else cols, chunk_rows,
+        )  # fmt: skip
         rows = masked.nonzero(as_tuple=True)[0]
         bound = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=ce.device)
         return bound.index_add_(0, rows.to(ce.device), weight[masked].to(ce.device) * ce)
@@ -528,3 +593,119 @@ class DreamTrainer(MDLMTrainer):
         bos = torch.full_like(input_ids[:, :1], bos_id)
         ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
         return torch.cat([bos, input_ids], dim=1), torch.cat([ignore, labels], dim=1)
+
+
+# ---- block diffusion (BD3LM) ---------------------------------------------------------
+
+
+@dataclass
+class BD3LMTrainingArguments(MDLMTrainingArguments):
+    """MDLM options plus the block length."""
+
+    block_size: int = field(
+        default=32, metadata={"help": "Tokens per block, in training and in sampling."}
+    )
+
+
+@dataclass
+class DreamBD3LMTrainingArguments(DreamTrainingArguments):
+    """Dream options plus the block length."""
+
+    block_size: int = field(
+        default=32, metadata={"help": "Tokens per block, in training and in sampling."}
+    )
+
+
+class BlockDiffusion:
+    """Block diffusion (BD3LM) on top of a masked-diffusion Trainer (first in its bases).
+
+    The recipe (diffusion/blocks.py): rows are whole blocks (the collator pads each
+    answer with EOS to a whole block); one t per block; the model reads the noised copy
+    followed by the clean copy under the block attention mask, both at positions
+    0..L-1; the cross-entropy is taken at the masked positions of the noised copy,
+    weighted and normalised as in MDLM. Right-shifted models score a block's first token
+    from the clean copy's previous token (the sampler's cached prefix).
+    """
+
+    args: Any
+    shift_logits: bool
+
+    @classmethod
+    def padded_collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator:
+        """The base method's collator, filling each row to whole blocks; shifted models
+        never score column 0 (nothing precedes it; no BOS is prepended, so the block grid
+        starts at the prompt's first token as in the sampler)."""
+        base = super().padded_collator(pad_token_id, cfg)
+        return replace(base, block_size=cfg.block_size, ignore_first_token=cls.shift_logits)
+
+    def model_inputs(
+        self, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch as collated: whole blocks, nothing prepended."""
+        if input_ids.shape[1] % self.args.block_size:
+            raise ValueError(
+                f"a block-diffusion batch of width {input_ids.shape[1]} is not whole blocks of "
+                f"{self.args.block_size}: use the method's collator"
+            )
+        if self.shift_logits and not bool((labels[:, 0] == IGNORE_INDEX).all()):
+            raise ValueError("a right-shifted model cannot score column 0: its label must be -100")
+        return input_ids, labels
+
+    def draw_noise(
+        self,
+        maskable: torch.Tensor,
+        view: ExampleView,
+        keys: NoiseKeys,
+        first_row: int,
+        training: bool,
+    ) -> NoiseDraw:
+        """One t per block, returned per position [b, l] (padded rows only: no packing)."""
+        t, masked = draw_block_noise(
+            maskable, self.args.block_size, self.schedule, self.args.time_epsilon,
+            keys.seed, keys.phase, keys.step, first_row,
+        )  # fmt: skip
+        return NoiseDraw(t, masked, torch.ones(t.shape[0], device=t.device), 1)
+
+    def forward_inputs(
+        self, model: nn.Module, noised: torch.Tensor, batch: ModelBatch
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """[noised ; clean] with the block mask and both copies at positions 0..L-1.
+
+        The mask depends only on the width: it is built once per width and device (a
+        [2L, 2L] mask is 67 MB at L = 4096, four times that as an additive float mask).
+        """
+        clean = batch.input_ids
+        rows, length = clean.shape
+        key = (length, clean.device)
+        cached = getattr(self, "_block_mask", None)
+        if cached is None or cached[0] != key:
+            keep = bd3lm_keep_mask(length, self.args.block_size, clean.device)
+            unwrapped = self.accelerator.unwrap_model(model)
+            self._block_mask = (key, attention_mask_for(unwrapped, keep))
+        positions = bd3lm_position_ids(length, clean.device).expand(rows, -1)
+        return torch.cat([noised, clean], dim=1), {
+            "attention_mask": self._block_mask[1],
+            "position_ids": positions,
+        }
+
+    def source_columns(self, cols: torch.Tensor, length: int) -> torch.Tensor:
+        return source_columns(cols, length, self.args.block_size, self.shift_logits)
+
+    def position_weights(
+        self, t: torch.Tensor, masked: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return loss_weights(
+            self.weight_kind, t, masked, self.schedule, self.geo_p, self.args.block_size
+        )
+
+
+class BD3LMTrainer(BlockDiffusion, MDLMTrainer):
+    """Block-diffusion SFT of unshifted models (BERT family, LLaDA, a2d)."""
+
+    arguments_class = BD3LMTrainingArguments
+
+
+class DreamBD3LMTrainer(BlockDiffusion, DreamTrainer):
+    """Block-diffusion SFT of Dream: right-shifted logits, block-wise CART weights."""
+
+    arguments_class = DreamBD3LMTrainingArguments

@@ -91,13 +91,17 @@ PAIRS = [("hi", "hello"), ("sky?", "blue"), ("1+1?", "two"), ("cat?", "meow")]
 
 
 def run_pairs_job(tmp_path: Path, fixture: str, held_out: bool = False, **overrides) -> dict:
-    """Train a fixture model on PAIRS through main.py's entry; return run_summary.json.
+    """Train a fixture model (tiny-llada, tiny-dream, or a causal family for a2d) on PAIRS
+    through main.py's entry; return run_summary.json.
 
     held_out: a data folder with PAIRS x 3 to train on and PAIRS as the test split.
     """
     from dllm_plugin.cli import main as cli_main
 
-    model = fixture_model_dir(fixture, tmp_path / fixture)
+    if fixture in CAUSAL_FAMILIES:
+        model = causal_lm_dir(fixture, tmp_path / fixture)
+    else:
+        model = fixture_model_dir(fixture, tmp_path / fixture)
     rows = [{"prompt": p, "completion": c} for p, c in PAIRS]
     if held_out:
         data = tmp_path / "pairs"
@@ -213,3 +217,59 @@ metadata:
         encoding="utf-8",
     )
     return folder
+
+
+# ---- a2d: tiny causal LMs built from configs ---------------------------------------------
+A2D_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# family -> (config class, causal class, extra config fields, vocabulary rows or None for
+# exactly the tokenizer's size: then the added mask token needs a resized embedding)
+CAUSAL_FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}, 128),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}, 112),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, None),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}, 104),
+}
+
+
+def a2d_tokenizer():
+    """The character tokenizer with ChatML specials right after the characters (no mask)."""
+    import string
+
+    first = len(" \n" + string.ascii_letters + string.digits + string.punctuation) + 1
+    specials = {tok: first + i for i, tok in enumerate(A2D_SPECIALS)}
+    return char_tokenizer(specials, eos_token="<|endoftext|>")
+
+
+def tiny_causal_lm(
+    family: str, seed: int = 0, attn: str = "sdpa", hidden: int = 32, layers: int = 2
+):
+    """(a random causal LM of `family`, its tokenizer): GQA, positions 256."""
+    import torch
+    import transformers
+
+    config_name, model_name, extra, rows = CAUSAL_FAMILIES[family]
+    tokenizer = a2d_tokenizer()
+    config = getattr(transformers, config_name)(
+        vocab_size=rows or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **extra,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval(), tokenizer
+
+
+def causal_lm_dir(family: str, dest: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A saved tiny causal LM checkpoint with its tokenizer (what a user would pick)."""
+    model, tokenizer = tiny_causal_lm(family, seed, layers=layers)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..diffusion.loss import IGNORE_INDEX
 from ..rng import keyed_generator
 
 __all__ = ["FILLER_SEGMENT", "DreamCollator", "MDLMCollator", "PackedCollator"]
@@ -70,15 +71,25 @@ class MDLMCollator:
     `label_pad_token_id` None means the pad id itself: padding is trained on (the
     model learns to emit EOS); pass -100 to leave padding out of the loss. Output keys:
     input_ids [b, L], labels [b, L], prompt_len [b] (all long); no attention_mask.
+
+    Block diffusion (`block_size`): each row is first filled with the pad id up to a whole
+    number of blocks, and that fill is trained (the answer's end-of-text); the batch's
+    padding beyond it is whole blocks that no real token attends to, so it is left out of
+    the loss (-100) and a row's loss does not depend on its batch. `ignore_first_token`
+    leaves column 0 unscored (right-shifted models have nothing to score it from).
     """
 
     pad_token_id: int
     label_pad_token_id: int | None = None
     pad_to_multiple_of: int | None = None
+    block_size: int | None = None
+    ignore_first_token: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
     @property
     def label_pad_id(self) -> int:
@@ -89,21 +100,31 @@ class MDLMCollator:
         return self._pad(_to_rows(features))
 
     def _padded_width(self, width: int) -> int:
-        multiple = self.pad_to_multiple_of
+        multiple = self.block_size or self.pad_to_multiple_of
         return width if not multiple else -(-width // multiple) * multiple
+
+    def _fill_to_block(self, row: _Row) -> _Row:
+        """The row padded with the (trained) pad id to a whole number of blocks."""
+        fill = self._padded_width(len(row.input_ids)) - len(row.input_ids)
+        pad = [self.pad_token_id] * fill
+        return _Row(row.input_ids + pad, row.labels + pad, row.prompt_len)
 
     def _pad(self, rows: list[_Row], max_width: int | None = None) -> dict[str, Tensor]:
         """Right-pad rows; `max_width` first cuts every row's tail to that many tokens."""
-        kept = max(len(r.input_ids) for r in rows)
         if max_width is not None:
-            kept = min(kept, max_width)
-        width = self._padded_width(kept)
+            rows = [_Row(r.input_ids[:max_width], r.labels[:max_width], r.prompt_len) for r in rows]
+        if self.block_size:
+            rows = [self._fill_to_block(r) for r in rows]
+        width = self._padded_width(max(len(r.input_ids) for r in rows))
+        label_pad = IGNORE_INDEX if self.block_size else self.label_pad_id
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), self.label_pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), label_pad, dtype=torch.long)
         for i, row in enumerate(rows):
-            n = min(len(row.input_ids), kept)
-            input_ids[i, :n] = torch.tensor(row.input_ids[:n], dtype=torch.long)
-            labels[i, :n] = torch.tensor(row.labels[:n], dtype=torch.long)
+            n = len(row.input_ids)
+            input_ids[i, :n] = torch.tensor(row.input_ids, dtype=torch.long)
+            labels[i, :n] = torch.tensor(row.labels, dtype=torch.long)
+        if self.ignore_first_token:
+            labels[:, 0] = IGNORE_INDEX
         prompt_len = torch.tensor([r.prompt_len for r in rows], dtype=torch.long)
         return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
 

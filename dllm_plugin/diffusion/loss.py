@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cart import cart_weights
+from .cart import block_cart_weights, cart_weights
 from .schedules import NoiseSchedule
 
 IGNORE_INDEX = -100
@@ -64,18 +64,23 @@ def loss_weights(
     schedule: NoiseSchedule,
     geo_p: float | None = None,
     present: Tensor | None = None,
+    block_size: int | None = None,
 ) -> Tensor:
     """Per-position fp32 loss weights [b, l]; zero wherever the position is not masked.
 
+    `t` is one time per row [b], or per position [b, l] (block diffusion: one per block).
     `present` [b, l] marks the positions that belong to the row's example (None: all);
     CART counts only those as clean context (a packed example's view row ends early).
+    With `block_size`, CART counts only the context a block sees (block_cart_weights).
     """
     masked = masked.bool()
     if kind == "scheduler":
-        per_row = schedule.weight(t.to(torch.float32))
-        return per_row[:, None] * masked
+        weight = schedule.weight(t.to(torch.float32))
+        return (weight[:, None] if weight.dim() == 1 else weight) * masked
     if kind == "uniform":
         return masked.to(torch.float32)
+    if kind == "cart" and block_size:
+        return block_cart_weights(masked, geo_p, block_size)
     if kind == "cart":
         if present is None:
             return cart_weights(masked, geo_p)

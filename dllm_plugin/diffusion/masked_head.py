@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -167,32 +168,34 @@ class HeadVerdict:
 def score_masked(
     model: nn.Module,
     head: nn.Linear | None,
-    noised: torch.Tensor,
+    inputs: torch.Tensor,
     clean: torch.Tensor,
     masked: torch.Tensor,
     scale: torch.Tensor,
-    shift: bool,
+    source: Callable[[torch.Tensor], torch.Tensor],
     chunk_rows: int,
-    forward_kwargs: dict | None = None,
+    **forward: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of scale * CE over masked positions, per-masked-token CE for metrics).
 
-    `shift`: position i is scored by the output at i - 1 (Dream). With `head` None the
-    model's full logits are computed and the CE taken at the same rows.
-    `forward_kwargs` go to the model as they are (packed rows: positions and attention).
+    `inputs` is what the model reads ([b, l], or block diffusion's [b, 2l] layout) with
+    its `forward` kwargs (attention mask, positions; packed rows' per-example attention);
+    `clean`, `masked` and `scale` are [b, l]. `source(cols)` gives the output columns that score the masked columns (the
+    columns themselves; one to the left for right-shifted models). With `head` None the
+    model's full logits are computed and the CE taken at the same rows. The CE comes back
+    in the order of `masked.nonzero()`, so per-row sums follow from its row indices.
     """
-    forward_kwargs = forward_kwargs or {}
     rows, cols = masked.nonzero(as_tuple=True)
-    src_cols = cols - 1 if shift else cols
+    src_cols = source(cols)
     targets = clean[rows, cols]
     token_scale = scale[rows, cols].to(torch.float32)
     if head is None:
-        logits = model(input_ids=noised, **forward_kwargs).logits
+        logits = model(input_ids=inputs, **forward).logits
         picked = logits[rows, src_cols]
         del logits  # backward needs only the picked rows: free [b, l, V] now
         return full_logits_cross_entropy(picked, targets, token_scale)
     with swapped_head(model, head) as head_inputs:
-        hidden = model(input_ids=noised, **forward_kwargs).logits
+        hidden = model(input_ids=inputs, **forward).logits
     if len(head_inputs) != 1 or not is_head_input(head_inputs[0], hidden):
         raise RuntimeError(
             "score_masked_only: the model's output is not its head's input although the "

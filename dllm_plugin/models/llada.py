@@ -42,6 +42,7 @@ __all__ = [
     "apply_rope",
     "as_positions",
     "bidirectional_attention",
+    "cached_keys_values",
     "packed_attention",
     "prepare_attention_mask",
     "rms_normalize",
@@ -319,9 +320,12 @@ def run_blocks(
 
 
 def prepare_attention_mask(
-    attention_mask: torch.Tensor | None, mask_pad_queries: bool
+    attention_mask: torch.Tensor | None, mask_pad_queries: bool, cache: Any = None
 ) -> AttentionMask | None:
     """Turn a user mask into SDPA inputs; ``None`` when nothing is masked.
+
+    With a key/value cache the new tokens see every cached token and each other: a mask
+    is refused there (the block sampler never needs one).
 
     Accepts the HF 2-D padding mask (1 = real token, 0 = pad) or a 3-D/4-D keep-mask in the
     dllm convention (nonzero = may attend; additive float masks are NOT supported). A mask
@@ -329,6 +333,8 @@ def prepare_attention_mask(
     """
     if attention_mask is None:
         return None
+    if cache is not None:
+        raise ValueError("attention_mask with a key/value cache is not supported")
     if attention_mask.is_floating_point() and bool((attention_mask < 0).any()):
         raise ValueError(
             "attention_mask looks additive (negative values); pass a keep-mask "
@@ -414,13 +420,16 @@ def _check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
 
 
 def attention_for(
-    attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, mask_pad_queries: bool
+    attention_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    mask_pad_queries: bool,
+    cache: Any = None,
 ) -> AttentionMask | None:
     """The attention of a forward: per example for packed rows, else from the user mask."""
     if segment_ids is None:
-        return prepare_attention_mask(attention_mask, mask_pad_queries)
-    if attention_mask is not None:
-        raise ValueError("pass either segment_ids (packed rows) or attention_mask, not both")
+        return prepare_attention_mask(attention_mask, mask_pad_queries, cache)
+    if attention_mask is not None or cache is not None:
+        raise ValueError("segment_ids (packed rows) take no attention_mask and no cache")
     return packed_attention(segment_ids)
 
 
@@ -460,19 +469,37 @@ def bidirectional_attention(
     return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
+def cached_keys_values(
+    cache: Any, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values to attend to: with a transformers ``Cache`` the cached prefix's followed
+    by these (which the cache keeps); without one, these.
+
+    Only the block sampler passes a cache: it appends each committed block and crops the
+    keys/values of a block it is still denoising (block_sampler.py).
+    """
+    if cache is None:
+        return k, v
+    return cache.update(k, v, layer_idx)
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, L, heads * D] -> [B, heads, L, D]."""
     batch, length, width = x.shape
     return x.view(batch, length, heads, width // heads).transpose(1, 2)
 
 
-def as_positions(position_ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """[B or 1, L] positions for ``x`` [B, L, d]; default 0..L-1.
+def as_positions(
+    position_ids: torch.Tensor | None, x: torch.Tensor, cache: Any = None
+) -> torch.Tensor:
+    """[B or 1, L] positions for ``x`` [B, L, d]; default 0..L-1 (after a cache: after the
+    cached tokens).
 
     Both references place tokens at 0..L-1 regardless of padding, so that is the default.
     """
     if position_ids is None:
-        return torch.arange(x.shape[1], device=x.device)[None, :]
+        start = cache.get_seq_length() if cache is not None else 0
+        return torch.arange(start, start + x.shape[1], device=x.device)[None, :]
     position_ids = position_ids.to(x.device)
     return position_ids[None, :] if position_ids.dim() == 1 else position_ids
 
@@ -503,8 +530,9 @@ class LLaDABlock(GradientCheckpointingLayer):
     ``ff_out`` the down projection.
     """
 
-    def __init__(self, config: LLaDAConfig) -> None:
+    def __init__(self, config: LLaDAConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # this block's slot in a key/value cache
         d, hd, ffn = config.d_model, config.attention_head_dim, config.ffn_hidden_size
         qkv_bias = bool(config.include_bias or config.include_qkv_bias)
         bias, norm_bias = bool(config.include_bias), _norm_has_bias(config)
@@ -523,13 +551,19 @@ class LLaDABlock(GradientCheckpointingLayer):
         self.ff_out = nn.Linear(ffn, d, bias=bias)
 
     def _attention(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask | None,
+        cache: Any = None,
     ) -> torch.Tensor:
         q = split_heads(self.q_proj(x), self.n_heads)
         k = split_heads(self.k_proj(x), self.n_kv_heads)
         v = split_heads(self.v_proj(x), self.n_kv_heads)
         rope_dtype = torch.float32 if self.rope_full_precision else q.dtype
         q, k = apply_rope(q, cos, sin, rope_dtype), apply_rope(k, cos, sin, rope_dtype)
+        k, v = cached_keys_values(cache, k, v, self.layer_idx)
         dropout = self.attention_dropout if self.training else 0.0
         return self.attn_out(bidirectional_attention(q, k, v, mask, dropout))
 
@@ -542,10 +576,12 @@ class LLaDABlock(GradientCheckpointingLayer):
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
         mask: AttentionMask | None = None,
+        cache: Any = None,
     ) -> torch.Tensor:
         """``hidden`` must stay positional: checkpointing only replays positional inputs."""
         p = self.residual_dropout if self.training else 0.0
-        hidden = hidden + F.dropout(self._attention(self.attn_norm(hidden), cos, sin, mask), p)
+        attended = self._attention(self.attn_norm(hidden), cos, sin, mask, cache)
+        hidden = hidden + F.dropout(attended, p)
         return hidden + F.dropout(self._mlp(self.ff_norm(hidden)), p)
 
 
@@ -555,7 +591,7 @@ class LLaDATransformer(nn.Module):
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__()
         self.wte = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers))
         self.ln_f = LLaDARMSNorm(config.d_model, config.rms_norm_eps, _norm_has_bias(config))
         # With weight_tying this Linear shares wte's weight (tied by transformers), so the
         # trainer always finds an nn.Linear head and checkpoints keep the official keys.
@@ -578,6 +614,7 @@ class LLaDAModel(nn.Module):
         position_ids: torch.Tensor | None,
         output_hidden_states: bool,
         segment_ids: torch.Tensor | None = None,
+        cache: Any = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Return the final normed hidden states and, optionally, every block's input."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -585,10 +622,12 @@ class LLaDAModel(nn.Module):
         tr = self.transformer
         x = tr.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = F.dropout(x, self.config.embedding_dropout, self.training)
-        positions = as_positions(position_ids, x)
+        positions = as_positions(position_ids, x, cache)
         cos, sin = rope_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta)
-        mask = attention_for(attention_mask, segment_ids, mask_pad_queries=False)
-        return run_blocks(tr.blocks, tr.ln_f, x, output_hidden_states, cos=cos, sin=sin, mask=mask)
+        mask = attention_for(attention_mask, segment_ids, mask_pad_queries=False, cache=cache)
+        return run_blocks(
+            tr.blocks, tr.ln_f, x, output_hidden_states, cos=cos, sin=sin, mask=mask, cache=cache
+        )
 
 
 class LLaDAModelLM(PreTrainedModel):
@@ -646,12 +685,15 @@ class LLaDAModelLM(PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         segment_ids: torch.LongTensor | None = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> MaskedLMOutput | tuple:
         """Bidirectional forward; positions default to 0..L-1 as in the official code
         (``position_ids`` is an extension with the same meaning as Dream's).
         ``segment_ids`` [B, L] (extension, packed rows): a token attends only to tokens
         with its own id (models/packing.py passes them with restarting positions).
+        ``cache`` (a transformers ``DynamicCache``, an extension for the block sampler)
+        holds earlier tokens' keys and values: the new tokens attend to them and are appended.
 
         ``attention_mask`` [B, L] (1 = real, 0 = pad) masks pad *keys* only, like dllm's
         copy (the upstream code ignores it); 3-D/4-D keep-masks (nonzero = may attend) are
@@ -663,7 +705,7 @@ class LLaDAModelLM(PreTrainedModel):
             output_hidden_states = bool(self.config.output_hidden_states)
         hidden, states = self.model(
             input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states,
-            segment_ids,
+            segment_ids, cache,
         )  # fmt: skip
         logits = self.model.transformer.ff_out(hidden)
         if return_dict is None:

@@ -8,6 +8,7 @@ stay fp32.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from .families import FAMILIES, head_module_names, resolve_lora_targets
+from .families import FAMILIES, TokenIds, head_module_names, resolve_lora_targets
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +66,27 @@ class LoadedModel:
     lora_targets: list[str] = field(default_factory=list)
 
 
-def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
-    """The model ready for the Trainer (peft-wrapped when lora)."""
-    from transformers import AutoModelForMaskedLM, set_seed
+def from_pretrained(model_path: str, family: str, ids: TokenIds | None, **kwargs: Any) -> Any:
+    """The family's model from a checkpoint: its own loader (a2d converts a causal LM and
+    gives the mask token its rows) or AutoModelForMaskedLM; never remote code."""
+    from transformers import AutoModelForMaskedLM
 
-    from . import dream, llada  # noqa: F401  (register the native classes)
+    from . import register_native_models  # noqa: F401  (native and a2d classes)
+
+    loader = FAMILIES[family].loader
+    if not loader:
+        return AutoModelForMaskedLM.from_pretrained(model_path, trust_remote_code=False, **kwargs)
+    module, _, name = loader.partition(":")
+    load = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    mask_id = ids.mask_id if ids is not None else None
+    return load(model_path, mask_id, ids.tokenizer_size if ids is not None else None, **kwargs)
+
+
+def load_model(
+    model_path: str, family: str, opts: LoadOptions, ids: TokenIds | None = None
+) -> LoadedModel:
+    """The model ready for the Trainer (peft-wrapped when lora)."""
+    from transformers import set_seed
 
     kwargs: dict[str, Any] = {}
     if opts.lora or opts.load_in_4bit:
@@ -78,12 +95,11 @@ def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
         kwargs["dtype"] = torch.float32
     if opts.load_in_4bit:
         kwargs["quantization_config"] = _bnb_config(family, opts)
-    # Weights the checkpoint lacks are initialised from the global RNG: seed it from the
-    # job, so one job file gives the same model on every run and every process.
+    # Weights the checkpoint lacks (and rows added for a new mask token) are initialised
+    # from the global RNG: seed it from the job, so one job file gives the same model on
+    # every run and every process.
     set_seed(opts.seed)
-    model, info = AutoModelForMaskedLM.from_pretrained(
-        model_path, output_loading_info=True, trust_remote_code=False, **kwargs
-    )
+    model, info = from_pretrained(model_path, family, ids, output_loading_info=True, **kwargs)
     fresh = fresh_modules(model, info.get("missing_keys", []))
     if fresh:
         logger.info("newly initialised (not in the checkpoint): %s", ", ".join(fresh))
