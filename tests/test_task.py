@@ -5,8 +5,8 @@ and the app's Stop, status worker and resume emulated from its source (tlab_app/
 Every run is a subprocess: the SDK's top-level `lab` module never enters this process,
 and never meets tests/fake_tlab's plugin-era `lab`. The runs are few: one complete
 single-process job, one failing job, one single-process and one 2-process job stopped
-mid-training (the second resumed from its checkpoint), and a stop during a step that
-does not end.
+mid-training (the second resumed from its checkpoint), a stop during a step that does
+not end, and a 2-process job whose training processes die at an import.
 """
 
 from __future__ import annotations
@@ -232,3 +232,26 @@ def test_stop_with_two_processes_then_the_resumed_job_continues(app):
     resumed = app.job(resumed_id)["job_data"]
     assert resumed["parent_job_id"] == job_id and len(resumed["models"]) == 1
     assert resumed["score"]["steps"] == 160
+
+
+def test_two_processes_whose_children_die_at_an_import_fail_with_their_line(app, tmp_path):
+    """The launched processes import what the task's process imports (its sys.path); when
+    that gives them a transformers that cannot be imported, they die before they can
+    write a reason, and the job's reason is their own exception line, not torchelastic's
+    summary."""
+    broken = tmp_path / "broken" / "transformers"
+    broken.mkdir(parents=True)
+    line = f"ImportError: cannot import name 'initialization' from 'transformers' ({broken})"
+    (broken / "__init__.py").write_text(f"raise ImportError({line.split(': ', 1)[1]!r})\n")
+    job_id = app.create_job(launch_parameters({**STRINGS, "num_processes": "2"}))
+    proc = app.start(
+        job_id,
+        run=f"exec python {HERE / 'broken_children.py'}",
+        BROKEN_PACKAGES=str(broken.parent),
+    )
+    assert proc.wait(timeout=300) == 1, app.output(job_id)[-4000:]
+    assert app.settle(job_id) == "FAILED"
+    data = app.job(job_id)["job_data"]
+    assert data["error_msg"] == line, app.output(job_id)[-4000:]
+    assert app.task_log(job_id)[-1] == f"FAILED: {line}"
+    assert "To enable traceback" not in data["error_msg"]
