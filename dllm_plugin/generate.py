@@ -45,10 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--system", default="", help="optional system message")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default: max-new-tokens)"
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: max-new-tokens; DiffusionGemma: at most this many per canvas)",
     )
     parser.add_argument(
-        "--block-size", type=int, default=32, help="MDLM block length (bert, llada)"
+        "--block-size",
+        type=int,
+        default=32,
+        help="MDLM block length (bert, llada; DiffusionGemma uses its own canvas_length)",
     )
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy and deterministic"
@@ -135,16 +141,15 @@ def messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def load_weights(setup: GenerationSetup, adaptor: str | None, device: str) -> Any:
     """The model (with the adaptor applied), in eval mode on `device`."""
-    from transformers import AutoModelForMaskedLM
-
-    from . import models  # noqa: F401  (native LLaDA/Dream classes)
+    from .models.families import family_hook, family_model_class
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForMaskedLM.from_pretrained(setup.model_path, dtype=dtype)
+    model = family_model_class(setup.family).from_pretrained(setup.model_path, dtype=dtype)
     if adaptor:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adaptor)
+        family_hook(setup.family, "share_adaptors")(model)
     return model.to(device).eval()
 
 

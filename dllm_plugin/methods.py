@@ -28,7 +28,7 @@ class Method:
     trainer: str  # "module:Class" of its Trainer (relative to this package)
     sampler: str  # "module:function" of its sampler
     summary: str  # one line for messages and docs
-    weight_option: str  # the manifest parameter that holds its loss weighting
+    weight_option: str | None  # the manifest parameter that holds its loss weighting, if any
     # Options that mean nothing for this method. Set away from their default they are
     # a warning (the original plugin's saved templates carry every option), or a config
     # error for methods that are new enough to have no such templates.
@@ -42,6 +42,14 @@ class Method:
         return _load(self.sampler)
 
 
+# DiffusionGemma's own options: meaningless for the masked-diffusion methods.
+_BLOCK_DIFFUSION_OPTIONS = (
+    "canvas_length",
+    "encoder_loss_weight",
+    "encoder_loss_scope",
+    "self_conditioning_prob",
+)
+
 METHODS: dict[str, Method] = {
     "bert": Method(
         name="bert",
@@ -50,7 +58,12 @@ METHODS: dict[str, Method] = {
         sampler="sampling:generate_mdlm",
         summary="MDLM SFT of a BERT-family masked LM turned into a chat model",
         weight_option="mdlm_loss_weight_type",
-        inapplicable=("perbatch_cutoff", "resp_cutoff_ratio", "loss_weight_type"),
+        inapplicable=(
+            "perbatch_cutoff",
+            "resp_cutoff_ratio",
+            "loss_weight_type",
+            *_BLOCK_DIFFUSION_OPTIONS,
+        ),
     ),
     "llada": Method(
         name="llada",
@@ -59,7 +72,12 @@ METHODS: dict[str, Method] = {
         sampler="sampling:generate_mdlm",
         summary="MDLM SFT of LLaDA",
         weight_option="mdlm_loss_weight_type",
-        inapplicable=("perbatch_cutoff", "resp_cutoff_ratio", "loss_weight_type"),
+        inapplicable=(
+            "perbatch_cutoff",
+            "resp_cutoff_ratio",
+            "loss_weight_type",
+            *_BLOCK_DIFFUSION_OPTIONS,
+        ),
     ),
     "dream": Method(
         name="dream",
@@ -68,7 +86,29 @@ METHODS: dict[str, Method] = {
         sampler="sampling:generate_dream",
         summary="Dream SFT: right-shifted logits, CART weights, per-batch response cut-off",
         weight_option="loss_weight_type",
-        inapplicable=("mdlm_loss_weight_type",),
+        inapplicable=("mdlm_loss_weight_type", *_BLOCK_DIFFUSION_OPTIONS),
+    ),
+    "diffusion_gemma": Method(
+        name="diffusion_gemma",
+        families=("diffusion_gemma",),
+        trainer="diffusion_gemma_trainer:DiffusionGemmaTrainer",
+        sampler="sampling:generate_diffusion_gemma",
+        summary="block-diffusion SFT of DiffusionGemma: uniform-token noise on one answer "
+        "block, self-conditioning, encoder causal-LM loss",
+        weight_option=None,
+        # Masking schedules, loss weightings and the Dream cut-offs do not exist here; the
+        # loss is token-normalised; the prompt is never on the canvas (the encoder loss has
+        # its own scope option).
+        inapplicable=(
+            "noise_schedule",
+            "mdlm_loss_weight_type",
+            "loss_weight_type",
+            "loss_norm_type",
+            "perbatch_cutoff",
+            "resp_cutoff_ratio",
+            "mask_prompt_loss",
+        ),
+        strict_options=True,
     ),
 }
 AUTO = "auto"

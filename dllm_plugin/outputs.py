@@ -123,9 +123,12 @@ def save_merged(cfg: Any, prep: Any, adaptor: Path, host: Any, models_dir: Path 
     """Base (reloaded unquantised, fp32) + adaptor, merged and saved as a full model."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForMaskedLM
 
-    base = AutoModelForMaskedLM.from_pretrained(prep.model_path, dtype=torch.float32)
+    from .models.families import family_model_class
+
+    base = family_model_class(prep.family).from_pretrained(prep.model_path, dtype=torch.float32)
+    # Merged as loaded: an adaptor the family shares between module trees (DiffusionGemma)
+    # wraps only one of them, so its delta enters the shared weight exactly once.
     merged = PeftModel.from_pretrained(base, str(adaptor)).merge_and_unload()
     dest = full_model_dir(cfg, models_dir, suffix="_merged")
     architecture = _architecture(merged)

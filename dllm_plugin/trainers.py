@@ -29,6 +29,7 @@ from .diffusion.loss import (
 from .diffusion.masked_head import HeadVerdict, score_masked
 from .diffusion.noise import EVAL, TRAIN, draw_row_noise
 from .diffusion.schedules import get_schedule
+from .models.families import TokenIds
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,83 @@ class DreamTrainingArguments(MDLMTrainingArguments):
     )
 
 
-class MDLMTrainer(Trainer):
+class DiffusionTrainer(Trainer):
+    """What every diffusion method's Trainer shares: noise keyed by global row, the same
+    noise at every evaluation, loss-only prediction steps, and per-token metrics summed
+    over processes when they are logged (`metrics_from` names them)."""
+
+    # compute_loss scales for gradient accumulation and world size itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._micro_step = (-1, 0)  # (global_step, micro-batches seen in it)
+        self._eval_batches = 0
+
+    def _first_row_key(self, training: bool) -> tuple[int, int, int]:
+        """(phase, step, index of this micro-batch's first row in the global batch).
+
+        Micro-batch `m` of an optimizer step on process `p` holds global rows
+        (m * world_size + p) * batch_size + i: the same rows whether they are spread over
+        processes or over accumulation steps.
+        """
+        if training:
+            step, seen = self._micro_step
+            seen = seen + 1 if step == self.state.global_step else 0
+            self._micro_step = (self.state.global_step, seen)
+            slot = seen * self.args.world_size + self.args.process_index
+            return TRAIN, self.state.global_step, slot * self.args.per_device_train_batch_size
+        slot = self._eval_batches * self.args.world_size + self.args.process_index
+        self._eval_batches += 1
+        return EVAL, 0, slot * self.args.per_device_eval_batch_size
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
+        return super().evaluate(*args, **kwargs)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---- metrics -----------------------------------------------------------------
+    def _record(self, training: bool, **sums: torch.Tensor) -> None:
+        bucket = self._metrics["train" if training else "eval"]
+        for name, value in sums.items():
+            bucket[name].append(float(value.sum()))
+
+    def metrics_from(self, totals: dict[str, float]) -> dict[str, float]:
+        """Logged metrics from the summed buckets (names without the eval_ prefix)."""
+        raise NotImplementedError
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the method's metrics (summed over processes since the last log) to the logs."""
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        bucket = self._metrics[mode]
+        if bucket:
+            names = sorted(bucket)
+            totals = torch.tensor([sum(bucket[n]) for n in names], device=self.args.device)
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            prefix = "eval_" if mode == "eval" else ""
+            metrics = self.metrics_from(dict(zip(names, totals.tolist(), strict=True)))
+            logs.update({f"{prefix}{k}": v for k, v in metrics.items()})
+            bucket.clear()
+        super().log(logs, start_time)
+
+
+class MDLMTrainer(DiffusionTrainer):
     """Masked-diffusion SFT (MDLM/LLaDA recipe) as a Trainer.
 
     The loss: per sequence t ~ U[eps, 1); mask each maskable position with probability
@@ -85,8 +162,6 @@ class MDLMTrainer(Trainer):
 
     arguments_class = MDLMTrainingArguments
     shift_logits = False
-    # compute_loss scales for gradient accumulation and world size itself.
-    loss_is_scaled_for_ga = True
 
     def __init__(
         self, *args: Any, mask_token_id: int, bos_token_id: int | None = None, **kwargs: Any
@@ -105,17 +180,11 @@ class MDLMTrainer(Trainer):
         self.head_verdict = HeadVerdict(
             self.accelerator.unwrap_model, lambda: bool(self.is_fsdp_enabled)
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
-        self._micro_step = (-1, 0)  # (global_step, micro-batches seen in it)
-        self._eval_batches = 0
 
     @classmethod
-    def collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator:
+    def collator(cls, ids: TokenIds, cfg: Any, model_config: dict[str, Any]) -> MDLMCollator:
         """The batch collator this method trains with."""
-        return MDLMCollator(pad_token_id=pad_token_id)
+        return MDLMCollator(pad_token_id=ids.pad_id)
 
     # ---- the loss ----------------------------------------------------------------
     def compute_loss(
@@ -139,7 +208,7 @@ class MDLMTrainer(Trainer):
             model, head, noised, input_ids, masked, scale, self.shift_logits,
             self.args.head_chunk_size,
         )  # fmt: skip
-        self._add_metrics(training, ce, masked, maskable)
+        self._record(training, ce_sum=ce, masked_tokens=masked, maskable_tokens=maskable)
         return (loss, None) if return_outputs else loss
 
     def model_inputs(
@@ -156,23 +225,6 @@ class MDLMTrainer(Trainer):
         return draw_row_noise(
             maskable, self.schedule, self.args.time_epsilon, self.args.seed, phase, step, first_row
         )
-
-    def _first_row_key(self, training: bool) -> tuple[int, int, int]:
-        """(phase, step, index of this micro-batch's first row in the global batch).
-
-        Micro-batch `m` of an optimizer step on process `p` holds global rows
-        (m * world_size + p) * batch_size + i: the same rows whether they are spread over
-        processes or over accumulation steps.
-        """
-        if training:
-            step, seen = self._micro_step
-            seen = seen + 1 if step == self.state.global_step else 0
-            self._micro_step = (self.state.global_step, seen)
-            slot = seen * self.args.world_size + self.args.process_index
-            return TRAIN, self.state.global_step, slot * self.args.per_device_train_batch_size
-        slot = self._eval_batches * self.args.world_size + self.args.process_index
-        self._eval_batches += 1
-        return EVAL, 0, slot * self.args.per_device_eval_batch_size
 
     def loss_scale(
         self,
@@ -200,54 +252,14 @@ class MDLMTrainer(Trainer):
         )
         return weights * norm
 
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
-        return super().evaluate(*args, **kwargs)
-
-    # ---- metrics -----------------------------------------------------------------
-    def _add_metrics(
-        self, training: bool, ce: torch.Tensor, masked: torch.Tensor, maskable: torch.Tensor
-    ) -> None:
-        bucket = self._metrics["train" if training else "eval"]
-        bucket["ce_sum"].append(float(ce.sum()))
-        bucket["masked_tokens"].append(float(masked.sum()))
-        bucket["maskable_tokens"].append(float(maskable.sum()))
-
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor, None, None]:
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add NLL (unweighted CE per masked token), perplexity and mask ratio to the logs."""
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        bucket = self._metrics[mode]
-        if bucket["masked_tokens"]:
-            totals = torch.tensor(
-                [
-                    sum(bucket["ce_sum"]),
-                    sum(bucket["masked_tokens"]),
-                    sum(bucket["maskable_tokens"]),
-                ],
-                device=self.args.device,
-            )
-            if self.args.world_size > 1:
-                totals = self.accelerator.reduce(totals, reduction="sum")
-            ce_sum, n_masked, n_maskable = totals.tolist()
-            prefix = "eval_" if mode == "eval" else ""
-            nll = ce_sum / max(n_masked, 1)
-            logs[f"{prefix}nll"] = round(nll, 4)
-            logs[f"{prefix}ppl"] = round(math.exp(min(nll, 50.0)), 4)
-            logs[f"{prefix}mask_ratio"] = round(n_masked / max(n_maskable, 1), 4)
-            bucket.clear()
-        super().log(logs, start_time)
+    def metrics_from(self, totals: dict[str, float]) -> dict[str, float]:
+        """NLL (unweighted CE per masked token), perplexity and mask ratio."""
+        nll = totals["ce_sum"] / max(totals["masked_tokens"], 1)
+        return {
+            "nll": round(nll, 4),
+            "ppl": round(math.exp(min(nll, 50.0)), 4),
+            "mask_ratio": round(totals["masked_tokens"] / max(totals["maskable_tokens"], 1), 4),
+        }
 
 
 class DreamTrainer(MDLMTrainer):
@@ -258,9 +270,9 @@ class DreamTrainer(MDLMTrainer):
     shift_logits = True
 
     @classmethod
-    def collator(cls, pad_token_id: int, cfg: Any) -> DreamCollator:
+    def collator(cls, ids: TokenIds, cfg: Any, model_config: dict[str, Any]) -> DreamCollator:
         return DreamCollator(
-            pad_token_id=pad_token_id,
+            pad_token_id=ids.pad_id,
             perbatch_cutoff=cfg.perbatch_cutoff,
             resp_cutoff_ratio=cfg.resp_cutoff_ratio,
             seed=cfg.seed,

@@ -8,6 +8,8 @@ width, and a resumed run draws exactly what the uninterrupted one would have.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -15,6 +17,11 @@ from ..rng import keyed_generator
 from .schedules import NoiseSchedule
 
 TRAIN, EVAL = 0, 1  # the phase part of a noise key
+
+
+def row_generator(seed: int, phase: int, step: int, row: int) -> torch.Generator:
+    """The generator of one row's noise: the one place that says what a noise key is."""
+    return keyed_generator(seed, phase, step, row)
 
 
 def _draw_uniform(shape: tuple[int, ...], device, generator: torch.Generator | None) -> Tensor:
@@ -74,8 +81,64 @@ def draw_row_noise(
     cpu_maskable = maskable.cpu()
     times, masks = [], []
     for row in range(maskable.shape[0]):
-        gen = keyed_generator(seed, phase, step, first_row + row)
+        gen = row_generator(seed, phase, step, first_row + row)
         t = sample_timesteps(1, eps, torch.device("cpu"), gen)
         masks.append(sample_masks(cpu_maskable[row : row + 1], schedule.mask_prob(t), gen))
         times.append(t)
     return torch.cat(times).to(maskable.device), torch.cat(masks).to(maskable.device)
+
+
+@dataclass(frozen=True)
+class BlockNoise:
+    """The draws of block diffusion with uniform-token corruption (DiffusionGemma), per row.
+
+    t [b]: the row's corruption probability; block [b]: the response block that is
+    scored; self_condition [b] (bool): whether pass 1's prediction feeds pass 2;
+    corrupt [b, block_size] (bool) and tokens [b, block_size]: which positions of the
+    scored block are replaced, and by which uniformly drawn vocabulary ids.
+    """
+
+    t: Tensor
+    block: Tensor
+    self_condition: Tensor
+    corrupt: Tensor
+    tokens: Tensor
+
+
+def draw_block_noise(
+    num_blocks: Tensor,
+    block_size: int,
+    vocab_size: int,
+    eps: float,
+    self_condition_prob: float,
+    seed: int,
+    phase: int,
+    step: int,
+    first_row: int,
+) -> BlockNoise:
+    """Block-diffusion noise for rows `first_row`, `first_row + 1`, ... of a global batch.
+
+    Per row, from its keyed generator and always in this order and amount (so a row's
+    draws never depend on the other rows, the padding width or its own length beyond
+    its number of blocks): t ~ U[eps, 1); u -> block floor(u * num_blocks); the
+    self-conditioning coin (u < prob); block_size uniforms (corrupted where u < t);
+    block_size replacement ids ~ U{0..vocab_size-1}. A row without blocks gets block 0.
+    """
+    blocks, coins, times, corrupt, tokens = [], [], [], [], []
+    for row, n in enumerate(num_blocks.tolist()):
+        gen = row_generator(seed, phase, step, first_row + row)
+        t = sample_timesteps(1, eps, torch.device("cpu"), gen)
+        u_block, u_coin = torch.rand(2, generator=gen).tolist()
+        times.append(t)
+        blocks.append(min(int(u_block * n), max(int(n) - 1, 0)))
+        coins.append(u_coin < self_condition_prob)
+        corrupt.append(torch.rand(block_size, generator=gen) < t)
+        tokens.append(torch.randint(0, vocab_size, (block_size,), generator=gen))
+    device = num_blocks.device
+    return BlockNoise(
+        t=torch.cat(times).to(device),
+        block=torch.tensor(blocks, dtype=torch.long, device=device),
+        self_condition=torch.tensor(coins, dtype=torch.bool, device=device),
+        corrupt=torch.stack(corrupt).to(device),
+        tokens=torch.stack(tokens).to(device),
+    )

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from .families import FAMILIES, head_module_names, resolve_lora_targets
+from .families import (
+    FAMILIES,
+    family_hook,
+    family_model_class,
+    head_module_names,
+    resolve_lora_targets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +73,9 @@ class LoadedModel:
 
 def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
     """The model ready for the Trainer (peft-wrapped when lora)."""
-    from transformers import AutoModelForMaskedLM, set_seed
+    from transformers import set_seed
 
-    from . import dream, llada  # noqa: F401  (register the native classes)
-
+    family_hook(family, "check_environment")()
     kwargs: dict[str, Any] = {}
     if opts.lora or opts.load_in_4bit:
         kwargs["dtype"] = DTYPES[opts.dtype]
@@ -81,18 +86,25 @@ def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
     # Weights the checkpoint lacks are initialised from the global RNG: seed it from the
     # job, so one job file gives the same model on every run and every process.
     set_seed(opts.seed)
-    model, info = AutoModelForMaskedLM.from_pretrained(
+    model, info = family_model_class(family).from_pretrained(
         model_path, output_loading_info=True, trust_remote_code=False, **kwargs
     )
     fresh = fresh_modules(model, info.get("missing_keys", []))
     if fresh:
         logger.info("newly initialised (not in the checkpoint): %s", ", ".join(fresh))
-    if opts.load_in_4bit:
+    family_hook(family, "prepare_base")(model)
+    if opts.load_in_4bit and FAMILIES[family].kbit_upcast:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=opts.gradient_checkpointing
         )
+    elif opts.load_in_4bit:  # frozen base in its dtype; only the adaptors train
+        model.requires_grad_(False)
+        if opts.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     elif opts.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets: list[str] = []
@@ -149,7 +161,9 @@ def _wrap_lora(
         len(targets),
         ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
     )
-    return get_peft_model(model, config), targets
+    model = get_peft_model(model, config)
+    family_hook(family, "share_adaptors")(model)
+    return model, targets
 
 
 def _bnb_config(family: str, opts: LoadOptions) -> Any:
@@ -162,7 +176,8 @@ def _bnb_config(family: str, opts: LoadOptions) -> Any:
     check_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
-    skip = FAMILIES[family].head_prefixes
+    spec = FAMILIES[family]
+    skip = spec.quantization_skip if spec.quantization_skip is not None else spec.head_prefixes
     compute = DTYPES[opts.dtype] if torch.cuda.is_available() else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
