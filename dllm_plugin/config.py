@@ -15,12 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
-from .methods import AUTO, METHODS, check_method_options
+from .methods import AUTO, check_method_options, method_row
+
+if TYPE_CHECKING:
+    import jsonschema
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ HOST_FIELDS: dict[str, dict[str, Any]] = {
     "model_architecture": {"type": "string"},
     "dataset_name": {"type": "string"},
     "dataset_split": {"type": "string"},
+    "dataset_config_name": {"type": "string"},  # a hub dataset's configuration
     "template_name": {"type": "string"},
     "job_id": {"type": ["string", "integer"]},
     "output_dir": {"type": "string", "minLength": 1},
@@ -232,6 +234,8 @@ def build_job_config(
             "ignoring config keys this plugin does not use: %s", ", ".join(sorted(unknown))
         )
 
+    import jsonschema  # here, not at import: the machine check reads the manifest without it
+
     schema = {"type": "object", "properties": {**schemas, **HOST_FIELDS}}
     validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors({**host, **params}), key=str)
@@ -244,7 +248,7 @@ def build_job_config(
     host.setdefault("output_dir", STANDALONE_OUTPUT_DIR)
     cfg = JobConfig(params, host, experiment, source_dir, frozenset(k for k in raw if k in schemas))
     if cfg.training_method != AUTO:  # with auto the model decides (checked before loading it)
-        check_method_options(METHODS[cfg.training_method], cfg)
+        check_method_options(method_row(cfg.training_method, cfg.diffusion_type), cfg)
     return cfg
 
 
@@ -291,8 +295,11 @@ def cross_field_problems(params: Mapping[str, Any], host: Mapping[str, Any]) -> 
         params.get("eval_strategy") != "no"
         and params.get("sample_every_eval") is True
         and params.get("num_preview_samples") == 0
+        and params.get("eval_generate_samples") == 0
     ):
-        problems.append("sample_every_eval: true needs num_preview_samples > 0")
+        problems.append(
+            "sample_every_eval: true needs num_preview_samples > 0 or eval_generate_samples > 0"
+        )
     return problems
 
 

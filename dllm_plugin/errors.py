@@ -36,3 +36,11 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (library errors can span many lines)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def one_line(reason: str, limit: int = 1000) -> str:
+    """The whole reason as one line: a config error lists its problems on the lines after
+    its first, and the first alone ('invalid job configuration:') says nothing."""
+    parts = [line.strip().removeprefix("- ") for line in reason.splitlines() if line.strip()]
+    text = " ".join(parts) if parts else "unknown error"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -4,7 +4,9 @@
         [--steps N --max-new-tokens N --block-size N --temperature T]
 
 Loads a base model (optionally with a LoRA adaptor) or a full fine-tune, formats the
-prompt with the family's chat template and prints the answer.
+prompt with the family's chat template and prints the answer, sampled the way the model
+was trained (the saved diffusion_recipe.json: block diffusion samples block by block with
+its trained block size).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .methods import Method, default_method
+from .methods import AUTO, Method, read_recipe, resolve_method, saved_method
 from .models.families import (
     TokenIds,
     detect_family,
@@ -53,8 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--block-size",
         type=int,
-        default=32,
-        help="MDLM block length (bert, llada; DiffusionGemma uses its own canvas_length)",
+        default=None,
+        help="MDLM block length (default 32); block diffusion uses its trained size, "
+        "DiffusionGemma its canvas_length",
     )
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy and deterministic"
@@ -79,10 +82,13 @@ class GenerationSetup:
     tokenizer: Any
     ids: TokenIds
     limit: int | None  # the model's position limit
+    trained_block_size: int | None = None  # block diffusion: the block size it was trained with
 
 
-def prepare_generation(model_name: str, adaptor: str | None) -> GenerationSetup:
-    """Config, family, tokenizer and special ids (no weights)."""
+def prepare_generation(
+    model_name: str, adaptor: str | None, training_method: str = "auto"
+) -> GenerationSetup:
+    """Config, family, tokenizer, special ids and the method (`auto`: the family's); no weights."""
     model_path = resolve_model_path(model_name)
     model_config = read_model_config(model_path)
     family = detect_family(model_config)
@@ -96,7 +102,15 @@ def prepare_generation(model_name: str, adaptor: str | None) -> GenerationSetup:
     tokenizer = load_tokenizer(tokenizer_source, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
     limit = position_limit(model_config, family)
-    return GenerationSetup(model_path, family, default_method(family), tokenizer, ids, limit)
+    trained = read_recipe(adaptor) if adaptor else None
+    if trained is None and Path(model_path).is_dir():
+        trained = read_recipe(model_path)
+    if training_method == AUTO:  # as it was trained (its recipe), else the family's
+        method = saved_method(trained, family)
+    else:
+        method = resolve_method(training_method, family, model_name)
+    block_size = trained.get("block_size") if trained else None
+    return GenerationSetup(model_path, family, method, tokenizer, ids, limit, block_size)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -124,8 +138,15 @@ def check_against_model(args: argparse.Namespace, setup: GenerationSetup) -> lis
             f"--algorithm: {args.algorithm!r} is not one of {', '.join(allowed)} "
             f"({setup.family} models)"
         )
+    if setup.trained_block_size and args.block_size not in (None, setup.trained_block_size):
+        raise UserError(
+            f"--block-size: this model was trained with block diffusion in blocks of "
+            f"{setup.trained_block_size}; it must be sampled with the same size"
+        )
     prompt_ids = prompt_token_ids(setup.tokenizer, messages(args))
     needed = len(prompt_ids) + args.max_new_tokens
+    if setup.trained_block_size:  # block diffusion writes whole blocks
+        needed = -(-needed // setup.trained_block_size) * setup.trained_block_size
     if setup.limit is not None and needed > setup.limit:
         raise UserError(
             f"--prompt: {len(prompt_ids)} prompt tokens + --max-new-tokens {args.max_new_tokens} "
@@ -141,16 +162,26 @@ def messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def load_weights(setup: GenerationSetup, adaptor: str | None, device: str) -> Any:
     """The model (with the adaptor applied), in eval mode on `device`."""
-    from .models.families import family_hook, family_model_class
+    from .models.families import family_hook
+    from .models.loading import from_pretrained
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = family_model_class(setup.family).from_pretrained(setup.model_path, dtype=dtype)
+    model = from_pretrained(setup.model_path, setup.family, setup.ids, dtype=dtype)
     if adaptor:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adaptor)
         family_hook(setup.family, "share_adaptors")(model)
     return model.to(device).eval()
+
+
+def load_for_generation(
+    model_name: str, adaptor: str | None, device: str, training_method: str = "auto"
+) -> tuple[Any, Any, TokenIds, Method]:
+    """(model, tokenizer, special ids, the method) ready to sample."""
+    setup = prepare_generation(model_name, adaptor, training_method)
+    model = load_weights(setup, adaptor, device)
+    return model, setup.tokenizer, setup.ids, setup.method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         config = SamplingConfig(
             max_new_tokens=args.max_new_tokens,
             steps=args.steps or args.max_new_tokens,
-            block_size=min(args.block_size, args.max_new_tokens),
+            block_size=setup.trained_block_size or min(args.block_size or 32, args.max_new_tokens),
             temperature=args.temperature,
             algorithm=args.algorithm or "low_confidence",  # Dream reads it as maskgit_plus
             seed=args.seed,

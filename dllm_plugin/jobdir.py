@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
+from .checkpoints import latest_checkpoint
 from .errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class JobFolder:
         summary.update({"status": "failed", "reason": reason, "ended": now()})
         write_summary(self.path, summary)
 
+    def stopped(self, reason: str) -> None:
+        """A job stopped before training wrote its own summary (see `mark_stopped`)."""
+        mark_stopped(self.path, reason)
+
     def release(self) -> None:
         """Remove the lock file, then let go of the lock (in that order: a waiting job
         that opened the old file sees it unlinked and retries)."""
@@ -81,6 +86,24 @@ class JobFolder:
             os.unlink(self.path / LOCK_NAME)
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def mark_stopped(path: Path, reason: str) -> None:
+    """Turn a summary that still says "running" into "stopped": the job ended on request
+    before its training processes could write their own (complete or stopped) summary."""
+    summary = _read_summary(Path(path))
+    if summary.get("status") not in (None, "running"):
+        return
+    checkpoint = latest_checkpoint(Path(path))
+    summary.update(
+        {
+            "status": "stopped",
+            "reason": reason,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "ended": now(),
+        }
+    )
+    write_summary(Path(path), summary)
 
 
 def _read_summary(path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 from .atomic import atomic_folder, write_json
 from .destinations import adaptor_dir, full_model_dir, refusal, write_marker
 from .errors import ConfigError
+from .methods import RECIPE_FILE, recipe
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +64,18 @@ def _architecture(model: Any) -> str:
     return archs[0]
 
 
+def _write_recipe(folder: Path, prep: Any, cfg: Any) -> None:
+    """How the model was trained, for generate and evaluation (methods.RECIPE_FILE)."""
+    write_json(folder / RECIPE_FILE, recipe(prep.method, cfg.block_size))
+
+
 def _save_full(
     model: Any,
-    tokenizer: Any,
+    prep: Any,
     dest: Path,
     record: dict[str, Any] | None,
     kind: str,
     cfg: Any,
-    base_model: Path,
 ) -> None:
     def write(tmp: Path) -> None:
         # The checkpoint's remote-code map points at files we do not copy: drop it so
@@ -78,11 +83,12 @@ def _save_full(
         if hasattr(model.config, "auto_map"):
             del model.config.auto_map
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        prep.tokenizer.save_pretrained(tmp)
+        _write_recipe(tmp, prep, cfg)
         if record is not None:
             write_json(tmp / "index.json", record)
 
-    save_model_folder(dest, write, kind, cfg, base_model)
+    save_model_folder(dest, write, kind, cfg, Path(prep.model_path))
 
 
 def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]:
@@ -93,11 +99,16 @@ def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]
         dest = adaptor_dir(cfg)
         save_model_folder(
             dest,
-            lambda tmp: (model.save_pretrained(tmp), prep.tokenizer.save_pretrained(tmp)),
+            lambda tmp: (
+                model.save_pretrained(tmp),
+                prep.tokenizer.save_pretrained(tmp),
+                _write_recipe(tmp, prep, cfg),
+            ),
             "adaptor",
             cfg,
             Path(prep.model_path),
         )
+        host.output_saved(dest, "adaptor", _architecture(model), cfg.model_name)
         result: dict[str, Any] = {"output_path": str(dest), "output_kind": "lora_adaptor"}
         if cfg.merge_adaptor:
             result["merged_model_path"] = str(save_merged(cfg, prep, dest, host, models_dir))
@@ -105,9 +116,10 @@ def save_outputs(cfg: Any, prep: Any, trainer: Any, host: Any) -> dict[str, Any]
     dest = full_model_dir(cfg, models_dir)
     architecture = _architecture(model)
     record = _host_record(dest.name, architecture, cfg) if models_dir is not None else None
-    _save_full(model, prep.tokenizer, dest, record, "model", cfg, Path(prep.model_path))
+    _save_full(model, prep, dest, record, "model", cfg)
     if record is not None:
         host.register_model(dest, dest.name, architecture)
+    host.output_saved(dest, "model", architecture, cfg.model_name)
     return {"output_path": str(dest), "output_kind": "full_model"}
 
 
@@ -124,16 +136,17 @@ def save_merged(cfg: Any, prep: Any, adaptor: Path, host: Any, models_dir: Path 
     import torch
     from peft import PeftModel
 
-    from .models.families import family_model_class
+    from .models.loading import from_pretrained
 
-    base = family_model_class(prep.family).from_pretrained(prep.model_path, dtype=torch.float32)
+    base = from_pretrained(prep.model_path, prep.family, prep.ids, dtype=torch.float32)
     # Merged as loaded: an adaptor the family shares between module trees (DiffusionGemma)
     # wraps only one of them, so its delta enters the shared weight exactly once.
     merged = PeftModel.from_pretrained(base, str(adaptor)).merge_and_unload()
     dest = full_model_dir(cfg, models_dir, suffix="_merged")
     architecture = _architecture(merged)
     record = _host_record(dest.name, architecture, cfg) if models_dir is not None else None
-    _save_full(merged, prep.tokenizer, dest, record, "merged model", cfg, Path(prep.model_path))
+    _save_full(merged, prep, dest, record, "merged model", cfg)
     if record is not None:
         host.register_model(dest, dest.name, architecture)
+    host.output_saved(dest, "merged model", architecture, cfg.model_name)
     return dest

@@ -36,12 +36,18 @@ def pick_prompts(conversations: Sequence[list[dict[str, str]]], n: int) -> list[
     return [PreviewPrompt(list(c[:-1]), c[-1]["content"]) for c in list(conversations)[:n]]
 
 
-def sampling_config(max_new_tokens: int, seed: int = 0) -> SamplingConfig:
-    """One token per step, blocks of 32: the official samplers' quality setting."""
+def sampling_config(
+    max_new_tokens: int, seed: int = 0, block_size: int | None = None
+) -> SamplingConfig:
+    """One token per step, blocks of 32: the official samplers' quality setting.
+
+    `block_size` is the trained block size of block-diffusion methods (their sampler must
+    use it); None lets MDLM sample in blocks of 32.
+    """
     return SamplingConfig(
         max_new_tokens=max_new_tokens,
         steps=max_new_tokens,
-        block_size=min(32, max_new_tokens),
+        block_size=block_size or min(32, max_new_tokens),
         seed=seed,
     )
 
@@ -93,8 +99,9 @@ def generate_previews(
     method: Method,
     prompts: Sequence[PreviewPrompt],
     max_new_tokens: int,
+    block_size: int | None = None,
 ) -> list[str]:
-    config = sampling_config(max_new_tokens)
+    config = sampling_config(max_new_tokens, block_size=block_size)
     return [answer(model, tokenizer, ids, method, p.messages, config) for p in prompts]
 
 
@@ -148,18 +155,21 @@ class PreviewCallback(TrainerCallback):
         prompts: list[PreviewPrompt],
         max_new_tokens: int,
         host: Any,
+        block_size: int | None = None,
     ):
         self.trainer: Any = None  # set once the Trainer exists (for its TensorBoard writer)
         self.tokenizer, self.ids, self.method = tokenizer, ids, method
         self.prompts, self.max_new_tokens, self.host = prompts, max_new_tokens, host
+        self.block_size = block_size
 
     def on_evaluate(self, args, state, control, model=None, **kwargs) -> None:
         if not state.is_world_process_zero or model is None or not self.prompts:
             return
         with torch.no_grad():
             answers = generate_previews(
-                model, self.tokenizer, self.ids, self.method, self.prompts, self.max_new_tokens
-            )
+                model, self.tokenizer, self.ids, self.method, self.prompts,
+                self.max_new_tokens, self.block_size,
+            )  # fmt: skip
         log_previews(f"preview at step {state.global_step}", self.prompts, answers)
         records = as_records(self.prompts, answers)
         if self.trainer is not None:

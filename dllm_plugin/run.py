@@ -11,15 +11,19 @@ from typing import Any
 import torch
 
 from .callbacks import HostCallback, StopSignals, use_loss_progress_bar
+from .checkpoints import latest_checkpoint
 from .config import JobConfig, looks_like_path, resolve_path
+from .data.packing import PackOptions, pack_dataset
 from .data.sft import TokenizeOptions, build_sft_dataset, split_train_eval
 from .data.sources import FILE_KINDS, line_limit, load_local_dataset, load_named_dataset
 from .data.templates import RowTemplates
 from .destinations import Destination, check_destinations, planned_destinations
 from .errors import ConfigError, DataError
+from .evaluation import lm_eval_tasks
+from .evaluation.held_out import HeldOutEvaluation
 from .hosts import Host
 from .jobdir import write_summary
-from .methods import Method, check_method_options, resolve_method
+from .methods import Method, check_method_options, check_packing, resolve_method
 from .models.families import (
     TokenIds,
     detect_family,
@@ -40,7 +44,7 @@ from .preview import (
     pick_prompts,
     write_tensorboard_text,
 )
-from .training_args import latest_checkpoint, resolve_resume, training_arguments
+from .training_args import resolve_resume, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +94,21 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     model_path = resolve_model(cfg)
     model_config = read_model_config(model_path)
     family = detect_family(model_config)
-    method = resolve_method(cfg.training_method, family, cfg.model_name)
+    method = resolve_method(
+        cfg.training_method,
+        family,
+        cfg.model_name,
+        cfg.diffusion_type,
+        model_config.get("model_type"),
+    )
     check_method_options(method, cfg)
-    logger.info("model %s: %s family, training method %s", cfg.model_name, family, method.name)
+    if cfg.packing:
+        check_packing(method, model_config)
+    logger.info("model %s: %s family, %s", cfg.model_name, family, method.title)
     tokenizer = load_tokenizer(model_path, family)
     ids = prepare_tokenizer(tokenizer, family, model_config)
     max_length = clamp_max_length(cfg.max_length, position_limit(model_config, family))
+    max_length = method.row_length(max_length, cfg.block_size)
     rows = load_rows(cfg, host)
     train_rows, eval_rows = split_train_eval(rows, cfg.eval_split_ratio, cfg.seed)
     templates = RowTemplates(
@@ -124,9 +137,26 @@ def prepare(cfg: JobConfig, host: Host) -> Prepared:
     source = evalset if evalset is not None else train
     n = min(cfg.num_preview_samples, len(source))
     prompts = pick_prompts(source.select(range(n))["messages"], n) if n else []
+    if cfg.packing:
+        train, evalset = pack_splits(cfg, method, ids, max_length, train, evalset)
     return Prepared(
         method, family, model_path, model_config, tokenizer, ids, train, evalset, prompts
     )
+
+
+def pack_splits(
+    cfg: JobConfig, method: Method, ids: TokenIds, max_length: int, train: Any, evalset: Any
+) -> tuple[Any, Any]:
+    """Both splits packed into rows of up to max_length tokens (data/packing.py)."""
+    shifted = method.trainer_class().shift_logits
+    opts = PackOptions(
+        max_length, ids.eos_id, cfg.packing_trailing_eos, shifted, ids.bos_id, cfg.seed
+    )
+    packed = [
+        pack_dataset(split.remove_columns("messages"), opts, name) if split is not None else None
+        for split, name in ((train, "train"), (evalset, "eval"))
+    ]
+    return packed[0], packed[1]
 
 
 def clamp_max_length(max_length: int, limit: int | None) -> int:
@@ -157,17 +187,24 @@ def load_rows(cfg: JobConfig, host: Host) -> Any:
         return load_local_dataset(path, line_limit(cfg.max_length))
     if looks_like_path(cfg.dataset_name) or path.suffix.lower() in FILE_KINDS:
         raise DataError(f"dataset_name: the file or folder {cfg.dataset_name!r} does not exist")
-    return load_named_dataset(cfg.dataset_name)
+    return load_named_dataset(cfg.dataset_name, cfg.dataset_config_name)
 
 
-def build_trainer(cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: StopSignals) -> Any:
-    """The method's Trainer with its collator and callbacks."""
+def build_trainer(
+    cfg: JobConfig,
+    prep: Prepared,
+    model: Any,
+    host: Host,
+    stop: StopSignals,
+    held_out: HeldOutEvaluation | None = None,
+) -> Any:
+    """The method's Trainer with its collator, callbacks and held-out evaluation."""
     args = training_arguments(
         cfg, prep.method, has_eval=prep.eval is not None, inside_host=host.inside_host
     )
     trainer_cls = prep.method.trainer_class()
     collator = trainer_cls.collator(prep.ids, cfg, prep.model_config)
-    eval_features = prep.eval.remove_columns("messages") if prep.eval is not None else None
+    eval_features = features_only(prep.eval) if prep.eval is not None else None
     previews = []
     if cfg.sample_every_eval and prep.preview_prompts:
         previews.append(
@@ -178,23 +215,30 @@ def build_trainer(cfg: JobConfig, prep: Prepared, model: Any, host: Host, stop: 
                 prep.preview_prompts,
                 cfg.preview_max_new_tokens,
                 host,
+                prep.method.sampling_block_size(cfg.block_size),
             )
         )
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=prep.train.remove_columns("messages"),
+        train_dataset=features_only(prep.train),
         eval_dataset=eval_features,
         data_collator=collator,
         processing_class=prep.tokenizer,
         mask_token_id=prep.ids.mask_id,
         bos_token_id=prep.ids.bos_id,
+        held_out=held_out,
         callbacks=[HostCallback(host, stop), *previews],
     )
     use_loss_progress_bar(trainer)
     for callback in previews:
         callback.trainer = trainer
     return trainer
+
+
+def features_only(split: Any) -> Any:
+    """The split without its messages column (packed splits have none)."""
+    return split.remove_columns("messages") if "messages" in split.column_names else split
 
 
 def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
@@ -209,21 +253,25 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
     for dest in planned_destinations(cfg, host.models_dir()):
         logger.info("the trained %s will be saved to %s", dest.kind, dest.path)
     prep = prepare(cfg, host)
-    loaded = load_model(prep.model_path, prep.family, load_options(cfg))
+    tasks = lm_eval_tasks.plan(cfg)  # checked before any weight is loaded
+    loaded = load_model(prep.model_path, prep.family, load_options(cfg), prep.ids)
     stop = StopSignals()
-    trainer = build_trainer(cfg, prep, loaded.model, host, stop)
+    held_out = HeldOutEvaluation.for_job(cfg, prep)
+    trainer = build_trainer(cfg, prep, loaded.model, host, stop, held_out)
     resume = resolve_resume(cfg.resume_from_checkpoint, output_dir)
     before = preview_answers(cfg, prep, trainer, "preview before training") if not resume else None
+    held_out_before = held_out.before_training(trainer) if held_out and not resume else None
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=resume)
     # A stop that arrives with the last step has nothing left to stop.
     finished = not stop.requested or trainer.state.global_step >= trainer.state.max_steps
     metrics = dict(result.metrics)
-    if finished and prep.eval is not None:
-        metrics.update(trainer.evaluate())
+    if finished and held_out is not None:
+        metrics.update(held_out.final_evaluation(trainer))
     summary: dict[str, Any] = {
         "status": "complete" if finished else "stopped",
         "method": prep.method.name,
+        "diffusion_type": prep.method.diffusion_type,
         "model_name": cfg.model_name,
         "global_step": trainer.state.global_step,
         "train_loss": metrics.get("train_loss"),
@@ -234,6 +282,9 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
         "total_params": loaded.total_params,
         "elapsed_seconds": round(time.time() - started, 1),
     }
+    if held_out is not None:
+        summary["held_out"] = held_out.summary(held_out_before, metrics)
+    summary["score"] = score(metrics)
     after = preview_answers(cfg, prep, trainer, "preview after training") if finished else None
     if after is not None:
         summary["samples"] = as_records(prep.preview_prompts, after, before)
@@ -244,9 +295,19 @@ def run_job(cfg: JobConfig, host: Host) -> dict[str, Any]:
             summary.update(save_outputs(cfg, prep, trainer, host))
         else:
             summary["checkpoint"] = str(latest_checkpoint(output_dir))
-        summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
+        if finished or host.stop_grace_s is None:  # a stop against the clock skips the plot
+            summary["loss_plot"] = plot_loss_curves(trainer.state.log_history, output_dir)
         write_summary(output_dir, summary)
+        if finished and tasks:  # after the model is saved: a failing task cannot lose it
+            lm_eval_tasks.run_after_training(tasks, cfg, prep, trainer, host, summary)
     return summary
+
+
+def score(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers a host ranks runs by (lower loss and bound, higher accuracy: better)."""
+    keys = ("eval_loss", "train_loss", "eval_nll_bound", "eval_nll_bound_se")
+    keys += ("eval_exact_match", "eval_token_f1")
+    return {k: metrics[k] for k in keys if isinstance(metrics.get(k), int | float)}
 
 
 def preview_answers(cfg: JobConfig, prep: Prepared, trainer: Any, title: str) -> list[str] | None:
@@ -264,6 +325,7 @@ def preview_answers(cfg: JobConfig, prep: Prepared, trainer: Any, title: str) ->
         prep.method,
         prep.preview_prompts,
         cfg.preview_max_new_tokens,
+        prep.method.sampling_block_size(cfg.block_size),
     )
     log_previews(title, prep.preview_prompts, answers)
     return answers

@@ -95,7 +95,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Sampling must not use dropout, and must not leave a training model in eval mode."""
     was_training = model.training
     model.eval()
@@ -238,7 +238,7 @@ def generate_mdlm(
     device = _model_device(model)
     generator = _make_generator(device, config.seed)
     outputs = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for prompt in prompts:
             raw = _mdlm_one(
                 model,
@@ -364,7 +364,7 @@ def generate_dream(
     device = _model_device(model)
     generator = _make_generator(device, config.seed)
     outputs = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for prompt in prompts:
             raw = _dream_one(
                 model,
@@ -412,7 +412,7 @@ def generate_diffusion_gemma(
     device = _model_device(model)
     outputs = []
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with _eval_mode(model), torch.random.fork_rng(devices=cuda):
+    with eval_mode(model), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(config.seed)
         for prompt in prompts:
             sequences = model.generate(

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dllm_plugin.gpu_check.tokenizer import char_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 
@@ -28,7 +30,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def tiny_bert(folder: Path, minilm_path: Path) -> Path:
+def tiny_bert(folder: Path, minilm_path: Path, dropout: float = 0.0) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -40,8 +42,8 @@ def tiny_bert(folder: Path, minilm_path: Path) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertForMaskedLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(folder)
@@ -74,29 +76,6 @@ DREAM_SPECIALS = {
 }
 
 
-def char_tokenizer(specials: dict[str, int], **special_attrs):
-    """A character-level fast tokenizer whose special tokens sit at the given ids.
-
-    The fixtures have a 256-token vocabulary and no tokenizer; this one fits it, so the
-    real chat-template, masking and sampling code runs against them.
-    """
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0}
-    for ch in " \n" + string.ascii_letters + string.digits + string.punctuation:
-        vocab[ch] = len(vocab)
-    assert max(vocab.values()) < min(specials.values())
-    vocab.update(specials)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(list(specials))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **special_attrs)
-
-
 def fixture_model_dir(name: str, dest: Path) -> Path:
     """A writable copy of tiny-llada / tiny-dream with a tokenizer built to its ids."""
     copy_fixture(name, dest)
@@ -111,12 +90,26 @@ def fixture_model_dir(name: str, dest: Path) -> Path:
 PAIRS = [("hi", "hello"), ("sky?", "blue"), ("1+1?", "two"), ("cat?", "meow")]
 
 
-def run_pairs_job(tmp_path: Path, fixture: str, **overrides) -> dict:
-    """Train a fixture model on PAIRS through main.py's entry; return run_summary.json."""
+def run_pairs_job(tmp_path: Path, fixture: str, held_out: bool = False, **overrides) -> dict:
+    """Train a fixture model (tiny-llada, tiny-dream, or a causal family for a2d) on PAIRS
+    through main.py's entry; return run_summary.json.
+
+    held_out: a data folder with PAIRS x 3 to train on and PAIRS as the test split.
+    """
     from dllm_plugin.cli import main as cli_main
 
-    model = fixture_model_dir(fixture, tmp_path / fixture)
-    data = write_rows(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    if fixture in CAUSAL_FAMILIES:
+        model = causal_lm_dir(fixture, tmp_path / fixture)
+    else:
+        model = fixture_model_dir(fixture, tmp_path / fixture)
+    rows = [{"prompt": p, "completion": c} for p, c in PAIRS]
+    if held_out:
+        data = tmp_path / "pairs"
+        data.mkdir()
+        write_rows(data / "train.jsonl", rows * 3)
+        write_rows(data / "test.jsonl", rows)
+    else:
+        data = write_rows(tmp_path / "pairs.jsonl", rows)
     config = {
         "model_name": str(model),
         "dataset_name": str(data),
@@ -263,3 +256,123 @@ def tiny_diffusion_gemma_dir(folder: Path, seed: int = 0, **config_kwargs) -> Pa
     tiny_diffusion_gemma(seed, **config_kwargs).save_pretrained(folder)
     gemma_char_tokenizer().save_pretrained(folder)
     return folder
+
+
+def write_lm_eval_tasks(folder: Path, pairs=PAIRS) -> Path:
+    """A local lm-eval task folder over jsonl files written here (absolute paths, offline):
+    `pairs_gen` (generate_until, exact match) and `pairs_mc` (multiple choice between the
+    trained answer and the next pair's answer, by loglikelihood)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = write_rows(folder / "gen.jsonl", [{"prompt": p, "completion": c} for p, c in pairs])
+    answers = [c for _, c in pairs]
+    mc = write_rows(
+        folder / "mc.jsonl",
+        [
+            {"prompt": p, "choices": [c, answers[(i + 1) % len(answers)]], "label": 0}
+            for i, (p, c) in enumerate(pairs)
+        ],
+    )
+    (folder / "pairs_gen.yaml").write_text(
+        f"""task: pairs_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {gen}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{completion}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]
+metadata:
+  version: 1.0
+""",
+        encoding="utf-8",
+    )
+    (folder / "pairs_mc.yaml").write_text(
+        f"""task: pairs_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {mc}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+        encoding="utf-8",
+    )
+    return folder
+
+
+# ---- a2d: tiny causal LMs built from configs ---------------------------------------------
+A2D_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# family -> (config class, causal class, extra config fields, vocabulary rows or None for
+# exactly the tokenizer's size: then the added mask token needs a resized embedding)
+CAUSAL_FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}, 128),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}, 112),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, None),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}, 104),
+}
+
+
+def a2d_tokenizer():
+    """The character tokenizer with ChatML specials right after the characters (no mask)."""
+    import string
+
+    first = len(" \n" + string.ascii_letters + string.digits + string.punctuation) + 1
+    specials = {tok: first + i for i, tok in enumerate(A2D_SPECIALS)}
+    return char_tokenizer(specials, eos_token="<|endoftext|>")
+
+
+def tiny_causal_lm(
+    family: str, seed: int = 0, attn: str = "sdpa", hidden: int = 32, layers: int = 2
+):
+    """(a random causal LM of `family`, its tokenizer): GQA, positions 256."""
+    import torch
+    import transformers
+
+    config_name, model_name, extra, rows = CAUSAL_FAMILIES[family]
+    tokenizer = a2d_tokenizer()
+    config = getattr(transformers, config_name)(
+        vocab_size=rows or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **extra,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval(), tokenizer
+
+
+def causal_lm_dir(family: str, dest: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A saved tiny causal LM checkpoint with its tokenizer (what a user would pick)."""
+    model, tokenizer = tiny_causal_lm(family, seed, layers=layers)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest

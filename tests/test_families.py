@@ -44,8 +44,8 @@ def test_detect_family(config, family):
 
 
 def test_detect_family_rejects_other_models():
-    with pytest.raises(ModelError, match="unsupported model: model_type 'llama'"):
-        detect_family({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    with pytest.raises(ModelError, match="unsupported model: model_type 't5'"):
+        detect_family({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]})
 
 
 def test_fixture_configs_are_detected():

@@ -32,3 +32,13 @@ def test_dream_lora_with_scheduler_weights(tmp_path):
         resp_cutoff_ratio=0.5,
     )
     assert summary["output_kind"] == "lora_adaptor" and summary["global_step"] == 6
+
+
+@pytest.mark.parametrize("fixture", ["tiny-llada", "tiny-dream"])
+def test_packed_lora_trains(tmp_path, fixture):
+    """Packing through the whole job, on a peft-wrapped model."""
+    summary = run_pairs_job(
+        tmp_path, fixture, lora=True, lora_r=8, lora_alpha=16, train_steps=6, packing=True,
+        timestep_sampling="stratified", complementary_masking=True,
+    )  # fmt: skip
+    assert summary["output_kind"] == "lora_adaptor" and summary["global_step"] == 6

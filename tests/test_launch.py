@@ -8,6 +8,7 @@ two) fails here rather than on a GPU machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ from dllm_plugin.launch import plan as launch_plan
 from dllm_plugin.launch import supervise as sup
 from dllm_plugin.launch.plan import LaunchPlan, accelerate_config, describe_plan, plan_launch
 from dllm_plugin.launch.supervise import (
+    ExceptionLines,
     LaunchResult,
+    Streamed,
     child_environment,
     launch_command,
     launch_result,
@@ -333,13 +336,13 @@ def test_plan_names_processes_devices_strategy_batch_steps_precision(tmp_path):
 def test_maybe_relaunch_writes_config_runs_and_reports(tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def fake_run(command, env):
+    def fake_run(command, env, on_tick=None):
         config_file = Path(command[command.index("--config_file") + 1])
         seen["config"] = yaml.safe_load(config_file.read_text())
         seen["leftovers"] = [p.name for p in config_file.parent.iterdir() if ".tmp-" in p.name]
         seen["env"] = env
         Path(env[sup.FAILURE_DIR_ENV], "rank-1.txt").write_text("DataError: no data")
-        return 1, ["FAILED: DataError: no data"]
+        return Streamed(1, ["FAILED: DataError: no data"])
 
     monkeypatch.setattr(launch, "run_streaming", fake_run)
     monkeypatch.setenv("_TFL_ORG_ID", "team-a")
@@ -351,15 +354,14 @@ def test_maybe_relaunch_writes_config_runs_and_reports(tmp_path, monkeypatch, ca
     assert "launch plan:" in capsys.readouterr().out
 
 
-def test_children_import_what_the_parent_imports(tmp_path, monkeypatch):
-    sdk = tmp_path / "sdk"
-    sdk.mkdir()
-    monkeypatch.setattr(sys, "path", [str(sdk), *sys.path])
-    monkeypatch.setenv("PYTHONPATH", "")
+def test_children_get_the_parents_sys_path_in_its_order(tmp_path, monkeypatch):
+    """Not PYTHONPATH: that would put the parent's folders ahead of the venv's packages."""
+    sdk, after_venv = tmp_path / "sdk", tmp_path / "host-packages"
+    monkeypatch.setattr(sys, "path", [str(sdk), *sys.path, str(after_venv)])
+    monkeypatch.setenv("PYTHONPATH", "/users/own")
     env = child_environment(plan_launch(job(train_device="cpu", num_processes=2)), tmp_path)
-    entries = env["PYTHONPATH"].split(os.pathsep)
-    assert str(sdk.resolve()) in entries
-    assert not any("site-packages" in e for e in entries)
+    assert json.loads(env[sup.PARENT_SYS_PATH_ENV]) == sys.path
+    assert env["PYTHONPATH"] == "/users/own"  # left as the user set it
     assert env[sup.FAILURE_DIR_ENV] == str(tmp_path) and env["PYTHONUNBUFFERED"] == "1"
 
 
@@ -373,13 +375,16 @@ def write_reason(folder: Path, rank: int, text: str, mtime_ns: int) -> None:
 def test_first_reason_wins(tmp_path):
     write_reason(tmp_path, 0, "RuntimeError: connection closed by peer", 2_000)
     write_reason(tmp_path, 1, "OutOfMemoryError: CUDA out of memory", 1_000)
-    assert launch_result(tmp_path, 1, []).reason == "rank 1: OutOfMemoryError: CUDA out of memory"
+    assert (
+        launch_result(tmp_path, Streamed(1, [])).reason
+        == "rank 1: OutOfMemoryError: CUDA out of memory"
+    )
 
 
 def test_same_reason_names_lowest_rank(tmp_path):
     write_reason(tmp_path, 0, "DataError: x", 2_000)
     write_reason(tmp_path, 1, "DataError: x", 1_000)
-    assert launch_result(tmp_path, 1, []).reason == "rank 0: DataError: x"
+    assert launch_result(tmp_path, Streamed(1, [])).reason == "rank 0: DataError: x"
 
 
 @pytest.mark.parametrize(
@@ -391,13 +396,65 @@ def test_same_reason_names_lowest_rank(tmp_path):
     ],
 )
 def test_fallback_reasons(tmp_path, tail, reason):
-    assert launch_result(tmp_path, 137, tail) == LaunchResult(137, reason)
+    assert launch_result(tmp_path, Streamed(137, tail)) == LaunchResult(137, reason)
 
 
 def test_success_and_clean_stop(tmp_path):
-    assert launch_result(tmp_path, 0, ["whatever"]) == LaunchResult(0)
+    assert launch_result(tmp_path, Streamed(0, ["whatever"])) == LaunchResult(0)
     (tmp_path / sup.STOPPED_MARKER).write_text("5")
-    assert launch_result(tmp_path, 1, ["SignalException"]) == LaunchResult(0)
+    assert launch_result(tmp_path, Streamed(1, ["SignalException"])) == LaunchResult(
+        0, stopped=True
+    )
+
+
+# A real run (abridged): rank 0 died importing an older transformers that PYTHONPATH put
+# ahead of the venv; torchelastic killed rank 1 and printed its own error.
+DIED_AT_IMPORT = """\
+Traceback (most recent call last):
+  File "/repo/main.py", line 22, in <module>
+    main()
+  File "/repo/dllm_plugin/models/__init__.py", line 12, in <module>
+    from transformers import (
+  File "/host/packages/transformers/__init__.py", line 1, in <module>
+    raise ImportError("cannot import name 'initialization' from 'transformers'")
+ImportError: cannot import name 'initialization' from 'transformers' (/host/packages/transformers/__init__.py)
+W1201 00:09:34.455000 17389 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 17393 closing signal SIGTERM
+E1201 00:09:34.470000 17389 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 17392) of binary: /venv/bin/python
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "/venv/lib/python3.11/site-packages/torch/distributed/launcher/api.py", line 383, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+/repo/main.py FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -15 (pid: 17393)  (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 17393
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 17392)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================"""
+
+
+def test_a_child_that_died_before_writing_its_reason_is_reported_by_its_exception():
+    lines = ExceptionLines()
+    for line in DIED_AT_IMPORT.splitlines():
+        lines.feed(line + "\n")
+    expected = (
+        "ImportError: cannot import name 'initialization' from 'transformers' "
+        "(/host/packages/transformers/__init__.py)"
+    )
+    assert lines.last == expected
+    streamed = Streamed(1, DIED_AT_IMPORT.splitlines()[-5:], lines.last)
+    assert launch_result(Path("/nonexistent"), streamed).reason == expected
 
 
 def test_record_failure(tmp_path, monkeypatch):
@@ -411,9 +468,17 @@ def test_record_failure(tmp_path, monkeypatch):
 
 def test_run_streaming_copies_output_and_status(capfd):
     code = "import sys; print('one'); print('two'); sys.exit(3)"
-    returncode, tail = run_streaming([sys.executable, "-c", code], dict(os.environ))
-    assert (returncode, tail) == (3, ["one", "two"])
+    ticks = []
+    streamed = run_streaming(
+        [sys.executable, "-c", code], dict(os.environ), on_tick=lambda: ticks.append(1)
+    )
+    assert (streamed.returncode, streamed.tail, streamed.exception_line) == (
+        3,
+        ["one", "two"],
+        None,
+    )
     assert capfd.readouterr().out == "one\ntwo\n"
+    assert ticks  # the supervisor's work ran while it waited, and once at the end
 
 
 # ---- only rank 0 talks to the host ------------------------------------------------------

@@ -274,6 +274,50 @@ def test_bf16_autocast_close_to_full_logits(tmp_path: Path) -> None:
     assert_same(opt, full, rtol=3e-2, atol=3e-3)
 
 
+class _Rows(torch.utils.data.Dataset):
+    """The rows of make_batch() as a dataset for Trainer.train."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "input_ids": self.batch["input_ids"][i].tolist(),
+            "labels": self.batch["labels"][i].tolist(),
+            "prompt_len": 6,
+        }
+
+
+@pytest.mark.parametrize("family", ["bert", "llada"])
+def test_trainer_bf16_runs_the_masked_head_and_matches_full_logits(
+    family: str, tmp_path: Path
+) -> None:
+    """Through Trainer.train with bf16=True (accelerate autocasts only model.forward): the
+    loss runs under the same autocast, so the probe accepts the head (BERT's bf16 head
+    input comes back upcast to fp32) and the first step's loss equals the full-logits one."""
+    losses = {}
+    for masked_only in (True, False):
+        torch.manual_seed(0)
+        model = _randomise_biases(FAMILIES[family]())
+        args = MDLMTrainingArguments(
+            output_dir=str(tmp_path / str(masked_only)), report_to=[], use_cpu=True, bf16=True,
+            per_device_train_batch_size=3, max_steps=1, logging_steps=1, save_strategy="no",
+            score_masked_only=masked_only, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = MDLMTrainer(
+            model=model, args=args, train_dataset=_Rows(make_batch()),
+            data_collator=MDLMTrainer.padded_collator(PAD, None), mask_token_id=MASK,
+        )  # fmt: skip
+        trainer.train()
+        if masked_only:
+            assert trainer.head_verdict.reason is None, trainer.head_verdict.reason
+        losses[masked_only] = trainer.state.log_history[0]["loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

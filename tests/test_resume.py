@@ -21,7 +21,8 @@ import pytest
 from fake_tlab.runner import REPO, quiet_env
 from helpers import write_rows
 
-from dllm_plugin.training_args import checkpoint_step, latest_checkpoint, resolve_resume
+from dllm_plugin.checkpoints import checkpoint_step, latest_checkpoint
+from dllm_plugin.training_args import resolve_resume
 
 ROWS = [
     {"prompt": f"Name a colour, number {i}.", "completion": c}
@@ -118,15 +119,23 @@ def final_weights(out: Path, model: Path) -> dict:
     return load_file(out / "models" / f"{model.name}_colours" / "model.safetensors")
 
 
-@pytest.mark.parametrize("model", ["tiny_bert_dir", "minilm_path"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, request, model):
-    """Also on MiniLM, whose checkpoint lacks the MLM head (initialised from the seed)."""
+PACKED = {"packing": True, "timestep_sampling": "stratified", "complementary_masking": True}
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [("tiny_bert_dir", {}), ("minilm_path", {}), ("tiny_bert_dir", PACKED)],
+    ids=["tiny-bert", "minilm", "tiny-bert-packed"],
+)
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, request, model, options):
+    """Also on MiniLM, whose checkpoint lacks the MLM head (initialised from the seed) and
+    which has dropout; and packed, with stratified timesteps and complementary masks."""
     tiny_bert_dir = request.getfixturevalue(model)
     straight_out, killed_out = tmp_path / "straight", tmp_path / "killed"
-    straight = run_main(write_job(tmp_path, tiny_bert_dir, straight_out), tmp_path)
+    straight = run_main(write_job(tmp_path, tiny_bert_dir, straight_out, **options), tmp_path)
     assert straight.returncode == 0, straight.stdout[-3000:]
 
-    job = write_job(tmp_path, tiny_bert_dir, killed_out, resume_from_checkpoint="auto")
+    job = write_job(tmp_path, tiny_bert_dir, killed_out, resume_from_checkpoint="auto", **options)
     proc = start_slow(job, tmp_path)
     first = wait_for_checkpoint(proc, killed_out)
     proc.send_signal(signal.SIGKILL)

@@ -10,7 +10,8 @@ import torch
 from helpers import tiny_bert_mlm
 from transformers import BertForMaskedLM, TrainerCallback
 
-from dllm_plugin.data.collators import MDLMCollator
+from dllm_plugin.data.collators import MDLMCollator, PackedCollator
+from dllm_plugin.data.packing import PackOptions, pack_dataset
 from dllm_plugin.rng import keyed_generator
 from dllm_plugin.trainers import (
     DreamTrainer,
@@ -18,6 +19,8 @@ from dllm_plugin.trainers import (
     MDLMTrainer,
     MDLMTrainingArguments,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 V, MASK, PAD, BOS = 40, 39, 38, 37
 EPS = 1e-3
@@ -199,16 +202,28 @@ class GradRecorder(TrainerCallback):
         )
 
 
-def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str):
+def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str, packing=False, **extra):
+    """Two optimizer steps; losses and the first step's gradients.
+
+    Padded rows have equal lengths: padding is trained as end-of-answer, so a row's
+    padding (and with it the loss) depends on how wide its batch is; only equal widths
+    make GA comparable. Packed rows hold examples of varied lengths: each example sees
+    only itself, so the width of a micro-batch does not matter.
+    """
     rows = []
     g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        # Equal lengths: padding is trained as end-of-answer, so a row's padding (and with it
-        # the loss) depends on how wide its batch is; only equal widths make GA comparable.
-        n = 9
+    for i in range(20 if packing else 8):
+        n = 4 + (i * 5) % 9 if packing else 9
         ids = torch.randint(0, 30, (n,), generator=g).tolist()
         plen = 1 + i % 3
         rows.append({"input_ids": ids, "labels": [-100] * plen + ids[plen:], "prompt_len": plen})
+    dataset = datasets.Dataset.from_list(rows)
+    collator = MDLMCollator(pad_token_id=PAD)
+    if packing:
+        opts = PackOptions(max_length=24, eos_id=PAD, trailing_eos=3, seed=0)
+        dataset = pack_dataset(dataset.remove_columns("prompt_len"), opts)
+        assert len(dataset) >= 8 and max(len(r) for r in dataset["seq_lens"]) >= 2
+        collator = PackedCollator(pad_token_id=PAD)
     recorder = GradRecorder()
     args = MDLMTrainingArguments(
         output_dir=str(tmp_path),
@@ -224,12 +239,13 @@ def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str):
         loss_norm_type=norm,
         disable_tqdm=True,
         lr_scheduler_type="constant",
+        **extra,
     )
     trainer = MDLMTrainer(
         model=tiny_bert(7),
         args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
-        data_collator=MDLMCollator(pad_token_id=PAD),
+        train_dataset=dataset,
+        data_collator=collator,
         mask_token_id=MASK,
         callbacks=[recorder],
     )
@@ -238,12 +254,25 @@ def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str):
     return losses, recorder.grads
 
 
-@pytest.mark.parametrize("norm", ["token", "sequence"])
-def test_loss_and_gradients_do_not_depend_on_gradient_accumulation(tmp_path, norm):
-    losses_1, grads_1 = run_steps(tmp_path / "a", 4, 1, norm)
-    losses_2, grads_2 = run_steps(tmp_path / "b", 2, 2, norm)
+@pytest.mark.parametrize(
+    ("norm", "packing", "estimator"),
+    [
+        ("token", False, {}),
+        ("sequence", False, {}),
+        ("token", True, {}),
+        ("sequence", True, {}),
+        ("batch", False, {"timestep_sampling": "stratified"}),
+        ("token", False, {"complementary_masking": True}),
+        ("sequence", True, {"timestep_sampling": "stratified", "complementary_masking": True}),
+    ],
+)
+def test_loss_and_gradients_do_not_depend_on_gradient_accumulation(
+    tmp_path, norm, packing, estimator
+):
+    losses_1, grads_1 = run_steps(tmp_path / "a", 4, 1, norm, packing, **estimator)
+    losses_2, grads_2 = run_steps(tmp_path / "b", 2, 2, norm, packing, **estimator)
     assert len(losses_1) == len(losses_2) == 2
     assert losses_1 == pytest.approx(losses_2, rel=1e-5)
-    assert losses_1[0] > 1.0  # a real loss, not a scaled-away one
+    assert losses_1[0] > (0.3 if norm == "batch" else 1.0)  # a real loss, not a scaled-away one
     for name, grad in grads_1[0].items():
         torch.testing.assert_close(grad, grads_2[0][name], rtol=1e-4, atol=1e-6)

@@ -1,10 +1,12 @@
 """Batch collators for masked-diffusion SFT (MDLM / LLaDA / BERT and Dream) and block
 diffusion (DiffusionGemma).
 
-The masked-diffusion SFT recipe pads on the RIGHT with the pad/EOS id and gives the
-padding real labels, so the model learns to end its answer with EOS; and it trains
-without an attention mask, so those collators return none (a mask would hide the padded
-EOS from the model). Block diffusion fills each answer with EOS to whole blocks instead
+The SFT recipe pads on the RIGHT with the pad/EOS id and gives the padding real labels,
+so the model learns to end its answer with EOS; and it trains without an attention
+mask, so the padding collators return none (a mask would hide the padded EOS from the
+model). Packed rows (data/packing.py) go through `PackedCollator` instead: the model
+gets per-example positions and attention from their segment ids (models/packing.py).
+Block diffusion (DiffusionGemma) fills each answer with EOS to whole blocks instead
 (trained) and masks the batch padding out (not trained).
 """
 
@@ -17,9 +19,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..diffusion.loss import IGNORE_INDEX
 from ..rng import keyed_generator
 
-__all__ = ["BlockDiffusionCollator", "DreamCollator", "MDLMCollator"]
+__all__ = [
+    "FILLER_SEGMENT",
+    "BlockDiffusionCollator",
+    "DreamCollator",
+    "MDLMCollator",
+    "PackedCollator",
+]
+
+FILLER_SEGMENT = -1
+"""Segment id of the positions after a packed row's last example (never scored)."""
 
 
 class _Row(NamedTuple):
@@ -68,15 +80,25 @@ class MDLMCollator:
     `label_pad_token_id` None means the pad id itself: padding is trained on (the
     model learns to emit EOS); pass -100 to leave padding out of the loss. Output keys:
     input_ids [b, L], labels [b, L], prompt_len [b] (all long); no attention_mask.
+
+    Block diffusion (`block_size`): each row is first filled with the pad id up to a whole
+    number of blocks, and that fill is trained (the answer's end-of-text); the batch's
+    padding beyond it is whole blocks that no real token attends to, so it is left out of
+    the loss (-100) and a row's loss does not depend on its batch. `ignore_first_token`
+    leaves column 0 unscored (right-shifted models have nothing to score it from).
     """
 
     pad_token_id: int
     label_pad_token_id: int | None = None
     pad_to_multiple_of: int | None = None
+    block_size: int | None = None
+    ignore_first_token: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
     @property
     def label_pad_id(self) -> int:
@@ -87,21 +109,31 @@ class MDLMCollator:
         return self._pad(_to_rows(features))
 
     def _padded_width(self, width: int) -> int:
-        multiple = self.pad_to_multiple_of
+        multiple = self.block_size or self.pad_to_multiple_of
         return width if not multiple else -(-width // multiple) * multiple
+
+    def _fill_to_block(self, row: _Row) -> _Row:
+        """The row padded with the (trained) pad id to a whole number of blocks."""
+        fill = self._padded_width(len(row.input_ids)) - len(row.input_ids)
+        pad = [self.pad_token_id] * fill
+        return _Row(row.input_ids + pad, row.labels + pad, row.prompt_len)
 
     def _pad(self, rows: list[_Row], max_width: int | None = None) -> dict[str, Tensor]:
         """Right-pad rows; `max_width` first cuts every row's tail to that many tokens."""
-        kept = max(len(r.input_ids) for r in rows)
         if max_width is not None:
-            kept = min(kept, max_width)
-        width = self._padded_width(kept)
+            rows = [_Row(r.input_ids[:max_width], r.labels[:max_width], r.prompt_len) for r in rows]
+        if self.block_size:
+            rows = [self._fill_to_block(r) for r in rows]
+        width = self._padded_width(max(len(r.input_ids) for r in rows))
+        label_pad = IGNORE_INDEX if self.block_size else self.label_pad_id
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), self.label_pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), label_pad, dtype=torch.long)
         for i, row in enumerate(rows):
-            n = min(len(row.input_ids), kept)
-            input_ids[i, :n] = torch.tensor(row.input_ids[:n], dtype=torch.long)
-            labels[i, :n] = torch.tensor(row.labels[:n], dtype=torch.long)
+            n = len(row.input_ids)
+            input_ids[i, :n] = torch.tensor(row.input_ids, dtype=torch.long)
+            labels[i, :n] = torch.tensor(row.labels, dtype=torch.long)
+        if self.ignore_first_token:
+            labels[:, 0] = IGNORE_INDEX
         prompt_len = torch.tensor([r.prompt_len for r in rows], dtype=torch.long)
         return {"input_ids": input_ids, "labels": labels, "prompt_len": prompt_len}
 
@@ -165,6 +197,50 @@ class DreamCollator(MDLMCollator):
             return None
         cut = int(torch.randint(1, min_resp, (1,), generator=rng))
         return max(len(r.input_ids) for r in rows) - cut
+
+
+@dataclass
+class PackedCollator:
+    """Packed rows right-padded to the batch's longest row, with their segment ids.
+
+    Each feature is one packed row: `input_ids` and `labels` of its examples laid end to
+    end and `seq_lens`, the examples' lengths. Output: input_ids [b, L] (filler: the pad
+    id), labels [b, L] (filler: -100, never scored), segment_ids [b, L] (0, 1, ... per
+    example, FILLER_SEGMENT for the filler); no attention_mask (the trainer builds the
+    per-example attention from the segment ids for the model's type).
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        rows = [self._row(i, f) for i, f in enumerate(features)]
+        width = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        segment_ids = torch.full((len(rows), width), FILLER_SEGMENT, dtype=torch.long)
+        for i, (ids, labs, lens) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            labels[i, : len(ids)] = torch.tensor(labs, dtype=torch.long)
+            segment_ids[i, : len(ids)] = torch.repeat_interleave(
+                torch.arange(len(lens)), torch.tensor(lens, dtype=torch.long)
+            )
+        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
+
+    @staticmethod
+    def _row(index: int, feature: Any) -> tuple[list[int], list[int], list[int]]:
+        """Check one packed row: its examples' lengths must add up to its token count."""
+        if not isinstance(feature, Mapping) or "seq_lens" not in feature:
+            raise ValueError(f"packed row {index} has no 'seq_lens' (is packing on?)")
+        ids, labels = _as_int_list(feature["input_ids"]), _as_int_list(feature["labels"])
+        lens = _as_int_list(feature["seq_lens"])
+        if len(ids) != len(labels) or sum(lens) != len(ids) or min(lens, default=0) < 1:
+            raise ValueError(
+                f"packed row {index}: {len(ids)} tokens, {len(labels)} labels and example "
+                f"lengths {lens} do not match"
+            )
+        return ids, labels, lens
 
 
 @dataclass

@@ -52,7 +52,11 @@ def load_local_dataset(path: Path, max_line_bytes: int) -> datasets.DatasetDict:
         except Exception as e:
             raise DataError(f"dataset folder {str(path)!r} cannot be read: {e}") from None
         return as_dataset_dict(loaded)
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_KINDS)
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and p.suffix.lower() in FILE_KINDS and not is_registry_record(p)
+    )
     if not files:
         raise DataError(
             f"dataset folder {str(path)!r} holds no data: expected {', '.join(FILE_KINDS)} "
@@ -67,6 +71,18 @@ def load_local_dataset(path: Path, max_line_bytes: int) -> datasets.DatasetDict:
     return datasets.DatasetDict(
         {split: load_files(fs, max_line_bytes) for split, fs in by_split.items()}
     )
+
+
+def is_registry_record(path: Path) -> bool:
+    """Transformer Lab's own record of a dataset folder (index.json with a dataset_id),
+    which sits beside the data files and is not a row."""
+    if path.name != "index.json":
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "dataset_id" in record
 
 
 def load_files(files: list[Path], max_line_bytes: int) -> datasets.Dataset:
@@ -223,10 +239,10 @@ def rows_to_dataset(rows: list[dict[str, Any]], files: list[Path]) -> datasets.D
         ) from None
 
 
-def load_named_dataset(name: str) -> datasets.DatasetDict:
-    """A dataset that is not a local path: the hub (needs network)."""
+def load_named_dataset(name: str, config_name: str | None = None) -> datasets.DatasetDict:
+    """A dataset that is not a local path: the hub (or the HF cache)."""
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, config_name)
     except Exception as e:
         raise DataError(
             f"dataset_name {name!r} is not a local file or folder and could not be loaded "

@@ -85,3 +85,24 @@ def cart_weights(masked_mask: Tensor, geo_p: float) -> Tensor:
     near[:, 1:] += from_left[:, :-1]  # j < i: exponent i - j - 1
     near[:, :-1] += from_right[:, 1:]  # j > i: exponent j - i - 1
     return (0.5 * p * near * masked).to(torch.float32)
+
+
+def block_cart_weights(masked_mask: Tensor, geo_p: float, block_size: int) -> Tensor:
+    """CART for block diffusion: only the context a noised block sees counts.
+
+    A masked token of block b sees the unmasked tokens of its own block and every token
+    of blocks < b (the clean prefix); later blocks are invisible. The prefix term is a
+    geometric series in closed form: for offset o inside block b,
+    sum_{j < bB} 0.5 p (1-p)**(i - j - 1) = 0.5 (1-p)**o (1 - (1-p)**(bB)).
+    """
+    p = _check_geo_p(geo_p)
+    masked = masked_mask.bool()
+    b, length = masked.shape
+    if length % block_size:
+        raise ValueError(f"length {length} is not a multiple of the block size {block_size}")
+    within = cart_weights(masked.reshape(-1, block_size), p).reshape(b, length)
+    q = 1.0 - p
+    index = torch.arange(length, device=masked.device, dtype=_scan_dtype(masked.device))
+    offset = index % block_size
+    prefix = 0.5 * torch.pow(q, offset) * (1.0 - torch.pow(q, index - offset))
+    return within + (prefix.to(torch.float32) * masked)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cart import cart_weights
+from .cart import block_cart_weights, cart_weights
 from .schedules import NoiseSchedule
 
 IGNORE_INDEX = -100
@@ -63,16 +63,28 @@ def loss_weights(
     masked: Tensor,
     schedule: NoiseSchedule,
     geo_p: float | None = None,
+    present: Tensor | None = None,
+    block_size: int | None = None,
 ) -> Tensor:
-    """Per-position fp32 loss weights [b, l]; zero wherever the position is not masked."""
+    """Per-position fp32 loss weights [b, l]; zero wherever the position is not masked.
+
+    `t` is one time per row [b], or per position [b, l] (block diffusion: one per block).
+    `present` [b, l] marks the positions that belong to the row's example (None: all);
+    CART counts only those as clean context (a packed example's view row ends early).
+    With `block_size`, CART counts only the context a block sees (block_cart_weights).
+    """
     masked = masked.bool()
     if kind == "scheduler":
-        per_row = schedule.weight(t.to(torch.float32))
-        return per_row[:, None] * masked
+        weight = schedule.weight(t.to(torch.float32))
+        return (weight[:, None] if weight.dim() == 1 else weight) * masked
     if kind == "uniform":
         return masked.to(torch.float32)
+    if kind == "cart" and block_size:
+        return block_cart_weights(masked, geo_p, block_size)
     if kind == "cart":
-        return cart_weights(masked, geo_p)
+        if present is None:
+            return cart_weights(masked, geo_p)
+        return cart_weights(masked | ~present.bool(), geo_p) * masked
     raise ValueError(f"unknown loss weight kind {kind!r}; accepted: 'scheduler', 'uniform', 'cart'")
 
 
@@ -81,33 +93,44 @@ def normaliser(
     maskable: Tensor,
     *,
     global_items: Tensor | int | None = None,
+    global_rows: Tensor | int | None = None,
     processes: int = 1,
     accumulation: int = 1,
 ) -> Tensor:
     """1 / the normaliser, per row [b, 1]: loss = sum(weights * normaliser * CE).
 
-    token: the number of maskable tokens. In training the Trainer gives the global count
-    over all processes and accumulation steps (`global_items`); DDP averages gradients
-    over processes, so the local loss is multiplied by `processes` to cancel it. Without
-    it (evaluation), the local count times `accumulation`.
-    sequence: each row's maskable count times the rows, times `accumulation`.
-    batch: the rows times `accumulation`. Rows with nothing maskable add 0.
+    One row is one example (the trainer works on the examples of packed rows one per
+    row). In training the Trainer gives the global counts of the optimizer step over all
+    processes and accumulation steps: maskable tokens (`global_items`) and examples
+    (`global_rows`); DDP averages gradients over processes, so the local loss is
+    multiplied by `processes` to cancel it. Without them (evaluation), the local counts
+    times `accumulation`.
+    token: the number of maskable tokens.
+    sequence: each example's maskable count times the number of examples.
+    batch: the number of examples. Examples with nothing maskable add 0.
     """
     maskable = maskable.bool()
     rows = maskable.shape[0]
     ones = torch.ones(rows, 1, dtype=torch.float32, device=maskable.device)
+    if norm_type not in NORM_TYPES:
+        accepted = ", ".join(repr(n) for n in NORM_TYPES)
+        raise ValueError(f"unknown loss normalisation {norm_type!r}; accepted: {accepted}")
     if norm_type == "token":
         if global_items is not None:
-            total = torch.as_tensor(global_items, dtype=torch.float32, device=maskable.device)
-            return ones * processes / total.clamp(min=1)
+            return ones * processes / _count(global_items, maskable.device)
         return ones / (maskable.sum().float().clamp(min=1) * accumulation)
+    if global_rows is not None:
+        examples = _count(global_rows, maskable.device) / processes
+    else:
+        examples = torch.tensor(float(rows * accumulation), device=maskable.device)
     if norm_type == "sequence":
         per_row = maskable.sum(dim=1, keepdim=True).float().clamp(min=1)
-        return ones / (per_row * rows * accumulation)
-    if norm_type == "batch":
-        return ones / (rows * accumulation)
-    accepted = ", ".join(repr(n) for n in NORM_TYPES)
-    raise ValueError(f"unknown loss normalisation {norm_type!r}; accepted: {accepted}")
+        return ones / (per_row * examples)
+    return ones / examples
+
+
+def _count(value: Tensor | int, device: torch.device) -> Tensor:
+    return torch.as_tensor(value, dtype=torch.float32, device=device).clamp(min=1)
 
 
 def full_logits_cross_entropy(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +76,24 @@ def swapped_head(
         setattr(parent, name, head)
 
 
+def is_head_input(seen: torch.Tensor, returned: torch.Tensor) -> bool:
+    """True if the model returned what the stand-in head passed through, unchanged.
+
+    DDP with find_unused_parameters returns a clone (equal, not `is`); accelerate's
+    mixed-precision wrapper returns a bf16/fp16 output upcast to fp32 (exact, so equal
+    after the same cast).
+    """
+    if seen is returned:
+        return True
+    if seen.shape != returned.shape:
+        return False
+    if seen.dtype != returned.dtype:
+        if returned.dtype != torch.float32 or seen.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        seen = seen.to(returned.dtype)
+    return torch.equal(seen, returned)
+
+
 def _probe(unwrapped: nn.Module, head: nn.Linear, input_ids: torch.Tensor) -> str | None:
     """None if the model's logits equal head(head input) on a tiny forward, else why not.
 
@@ -88,7 +107,7 @@ def _probe(unwrapped: nn.Module, head: nn.Linear, input_ids: torch.Tensor) -> st
             full = unwrapped(input_ids=ids).logits
             with swapped_head(unwrapped, head) as seen:
                 hidden = unwrapped(input_ids=ids).logits
-            if len(seen) != 1 or seen[0] is not hidden:
+            if len(seen) != 1 or not is_head_input(seen[0], hidden):
                 return "the model does not return its head's output unchanged"
             separate = head(hidden)
     except Exception as e:  # e.g. the forward reads the head's weight directly
@@ -172,33 +191,35 @@ class HeadVerdict:
 def score_masked(
     model: nn.Module,
     head: nn.Linear | None,
-    noised: torch.Tensor,
+    inputs: torch.Tensor,
     clean: torch.Tensor,
     masked: torch.Tensor,
     scale: torch.Tensor,
-    shift: bool,
+    source: Callable[[torch.Tensor], torch.Tensor],
     chunk_rows: int,
+    **forward: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of scale * CE over masked positions, per-masked-token CE for metrics).
 
-    `shift`: position i is scored by the output at i - 1 (Dream). With `head` None the
-    model's full logits are computed and the CE taken at the same rows.
+    `inputs` is what the model reads ([b, l], or block diffusion's [b, 2l] layout) with
+    its `forward` kwargs (attention mask, positions; packed rows' per-example attention);
+    `clean`, `masked` and `scale` are [b, l]. `source(cols)` gives the output columns that score the masked columns (the
+    columns themselves; one to the left for right-shifted models). With `head` None the
+    model's full logits are computed and the CE taken at the same rows. The CE comes back
+    in the order of `masked.nonzero()`, so per-row sums follow from its row indices.
     """
     rows, cols = masked.nonzero(as_tuple=True)
-    src_cols = cols - 1 if shift else cols
+    src_cols = source(cols)
     targets = clean[rows, cols]
     token_scale = scale[rows, cols].to(torch.float32)
     if head is None:
-        logits = model(input_ids=noised).logits
+        logits = model(input_ids=inputs, **forward).logits
         picked = logits[rows, src_cols]
         del logits  # backward needs only the picked rows: free [b, l, V] now
         return full_logits_cross_entropy(picked, targets, token_scale)
     with swapped_head(model, head) as head_inputs:
-        hidden = model(input_ids=noised).logits
-    # DDP with find_unused_parameters returns a clone of the output: equal, not `is`.
-    if len(head_inputs) != 1 or not (
-        head_inputs[0] is hidden or torch.equal(head_inputs[0], hidden)
-    ):
+        hidden = model(input_ids=inputs, **forward).logits
+    if len(head_inputs) != 1 or not is_head_input(head_inputs[0], hidden):
         raise RuntimeError(
             "score_masked_only: the model's output is not its head's input although the "
             "first check passed; set score_masked_only to false"

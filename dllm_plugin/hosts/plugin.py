@@ -272,7 +272,7 @@ class PluginHost(Host):
         """Success data; the host itself turns the RUNNING job into COMPLETE at exit."""
         stop_came_late = self._send_progress(100)
         self._data("completion_status", "success")
-        self._data("completion_details", _finished_details(summary))
+        self._data("completion_details", finished_details(summary))
         self._data("end_time", time.strftime("%Y-%m-%d %H:%M:%S"))
         for key in ("output_path", "merged_model_path", "loss_plot"):
             if summary.get(key):
@@ -317,7 +317,7 @@ def _record_json_data(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _finished_details(summary: dict[str, Any]) -> str:
+def finished_details(summary: dict[str, Any]) -> str:
     parts = [f"training finished: {summary.get('global_step')} steps"]
     for key in ("train_loss", "eval_loss"):
         if isinstance(summary.get(key), int | float):

@@ -4,8 +4,11 @@ The job decides here whether this process trains itself or supervises training
 processes (plan.py makes the plan and the accelerate config; supervise.py runs the
 processes and reads how they ended). For more than one process it writes one
 accelerate config file into a temporary folder, re-executes `main.py` under
-`accelerate launch` with the same input file and a guard flag, and returns the
-children's exit status with the reason of the first rank that failed.
+`accelerate launch` with the same input file (or, when the host held the config, the
+validated config written there) and a guard flag, and returns the children's exit
+status with the reason of the first rank that failed. For a host that only the
+launcher may talk to (a Transformer Lab task), rank 0's reports come back through a
+channel (hosts/channel.py) and are made on that host while the processes run.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from ..atomic import write_text
+from ..atomic import write_json, write_text
 from ..config import JobConfig
-from ..hosts import Host, MainRankHost, NonMainRankHost
+from ..hosts import EventReader, Host, MainRankHost, NonMainRankHost, channel_environment
 from .plan import LaunchPlan, accelerate_config, describe_plan, plan_launch
 from .supervise import (
     LaunchResult,
+    Streamed,
     child_environment,
     launch_command,
     launch_result,
@@ -35,6 +39,7 @@ from .supervise import (
 __all__ = [
     "LaunchPlan",
     "LaunchResult",
+    "Streamed",
     "host_for_this_process",
     "maybe_relaunch",
     "owns_output_dir",
@@ -46,9 +51,15 @@ DIST_ENV_VARS = ("LOCAL_RANK", "WORLD_SIZE")
 
 
 def maybe_relaunch(
-    cfg: JobConfig, input_file: Path, args: argparse.Namespace
+    cfg: JobConfig,
+    input_file: Path | None,
+    args: argparse.Namespace,
+    host: Host | None = None,
 ) -> LaunchResult | None:
-    """None: train in this process. Otherwise the result of the launched processes."""
+    """None: train in this process. Otherwise the result of the launched processes.
+
+    `input_file` None: the host held the config; the children read `cfg` from a file.
+    """
     if already_launched(args):
         return None
     plan = plan_launch(cfg)
@@ -62,10 +73,20 @@ def maybe_relaunch(
         config_path = write_text(Path(tmp) / "accelerate_config.yaml", config_text)
         failure_dir = Path(tmp) / "failures"
         failure_dir.mkdir()
+        if input_file is None:
+            input_file = write_json(Path(tmp) / "job.json", {"config": cfg.to_dict()})
+        env = child_environment(plan, failure_dir)
+        reader = None
+        if host is not None and host.reports_from_launcher:
+            reader = EventReader(Path(tmp) / "host_events.jsonl")
+            env.update(channel_environment(reader.events, host))
         command = launch_command(plan, config_path, Path(input_file), args)
         print(describe_plan(plan, cfg, command, config_text), flush=True)
-        returncode, tail = run_streaming(command, child_environment(plan, failure_dir))
-        return launch_result(failure_dir, returncode, tail)
+        on_tick = (lambda: reader.replay(host)) if reader is not None else None
+        result = launch_result(failure_dir, run_streaming(command, env, on_tick=on_tick))
+        if reader is not None:
+            result.final = reader.final
+        return result
 
 
 def already_launched(args: argparse.Namespace) -> bool:

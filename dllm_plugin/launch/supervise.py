@@ -3,8 +3,15 @@
 The launcher streams the children's output into our log, passes the first
 SIGTERM/SIGINT on to them, and reads the failure-file protocol: each launched process
 that fails writes its reason into a shared folder (one file per rank); rank 0 writes a
-marker after a clean stop on request. The parent then reports the first rank's reason,
-or the children's last meaningful output line when none could write one.
+marker after a clean stop on request. The parent then reports the first rank's reason;
+when none could write one (a process that died at start-up, e.g. at an import), the
+last exception line a child printed; else the children's last meaningful output line.
+
+The children import exactly what the parent imports: they get the parent's whole
+`sys.path`, in its order, and main.py puts it in place before anything is imported.
+(Handing the parent's extra folders over on PYTHONPATH instead puts them ahead of the
+venv's site-packages, so a host folder with an older transformers that the parent
+only has *after* the venv would win in the children.)
 """
 
 from __future__ import annotations
@@ -12,13 +19,14 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import logging
 import os
 import re
 import subprocess
 import sys
-import sysconfig
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,10 @@ MAIN_SCRIPT = PLUGIN_DIR / "main.py"
 # A launched child writes its failure reason into this folder (one file per rank).
 FAILURE_DIR_ENV = "DLLM_FAILURE_DIR"
 STOPPED_MARKER = "stopped"  # written there by rank 0 after a clean stop on request
+PARENT_SYS_PATH_ENV = "DLLM_PARENT_SYS_PATH"  # the parent's sys.path, read by main.py
+TICK_S = 0.2  # how often the launcher looks for rank 0's reports while it waits
+# The launcher's own exceptions (torchelastic), not a training process's reason.
+LAUNCHER_EXCEPTIONS = ("ChildFailedError", "SignalException")
 
 
 @dataclass
@@ -42,6 +54,17 @@ class LaunchResult:
 
     returncode: int
     reason: str = ""
+    stopped: bool = False  # they stopped on request (exit status 0 for the job)
+    final: tuple[str, dict[str, Any]] | None = None  # rank 0's complete/stopped report
+
+
+@dataclass
+class Streamed:
+    """The launcher's exit status and what its output told us."""
+
+    returncode: int
+    tail: list[str]
+    exception_line: str | None = None  # the last exception a training process printed
 
 
 # ---- the command and its environment -----------------------------------------------------
@@ -78,7 +101,7 @@ def child_environment(plan: LaunchPlan, failure_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env[FAILURE_DIR_ENV] = str(failure_dir)
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the job log as they are printed
-    env["PYTHONPATH"] = python_path(env.get("PYTHONPATH", ""))
+    env[PARENT_SYS_PATH_ENV] = json.dumps(sys.path)
     if plan.visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = plan.visible_devices
     if plan.device == "cpu" and "OMP_NUM_THREADS" not in env:
@@ -87,42 +110,23 @@ def child_environment(plan: LaunchPlan, failure_dir: Path) -> dict[str, str]:
     return env
 
 
-def python_path(existing: str) -> str:
-    """PYTHONPATH holding our sys.path entries that are not installed packages or stdlib.
-
-    The host's harness puts its SDK folder (and the plugin folder) on sys.path; the
-    launched children must import the same modules.
-    """
-    stdlib = {
-        str(Path(p).resolve())
-        for key in ("stdlib", "platstdlib")
-        if (p := sysconfig.get_paths().get(key))
-    }
-    entries: list[str] = []
-    for entry in [*sys.path, *existing.split(os.pathsep)]:
-        if not entry or not os.path.isdir(entry):
-            continue
-        resolved = str(Path(entry).resolve())
-        parts = Path(resolved).parts
-        if "site-packages" in parts or "dist-packages" in parts:
-            continue
-        if any(resolved == s or resolved.startswith(s + os.sep) for s in stdlib):
-            continue
-        if resolved not in entries:
-            entries.append(resolved)
-    return os.pathsep.join(entries)
-
-
 # ---- run and report -------------------------------------------------------------------
-def run_streaming(command: list[str], env: dict[str, str], keep: int = 40) -> tuple[int, list[str]]:
-    """Run the launcher, copy its output to our stdout line by line; (status, last lines).
+def run_streaming(
+    command: list[str],
+    env: dict[str, str],
+    keep: int = 40,
+    on_tick: Callable[[], None] | None = None,
+) -> Streamed:
+    """Run the launcher, copy its output to our stdout line by line.
 
     The first SIGTERM/SIGINT sent to us is passed on once (a second copy would cut short
     the launcher's own graceful shutdown): the training processes stop at the end of
-    their step with a checkpoint and do not outlive a killed job. We read until every
-    process holding the output pipe is gone, so we never return before the ranks do.
+    their step and do not outlive a killed job. We read until every process holding the
+    output pipe is gone, so we never return before the ranks do; meanwhile `on_tick` runs
+    on this (the main) thread every TICK_S and once at the end.
     """
     tail: collections.deque[str] = collections.deque(maxlen=keep)
+    exceptions = ExceptionLines()
     proc = subprocess.Popen(
         command,
         env=env,
@@ -132,14 +136,53 @@ def run_streaming(command: list[str], env: dict[str, str], keep: int = 40) -> tu
         errors="replace",
         bufsize=1,
     )
-    with _forward_first_signal(proc):
+
+    def copy_output() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             tail.append(line.rstrip("\n"))
+            exceptions.feed(line)
+
+    reader = threading.Thread(target=copy_output, name="launcher-output", daemon=True)
+    with _forward_first_signal(proc):
+        reader.start()
+        while reader.is_alive():
+            reader.join(TICK_S)
+            if on_tick is not None:
+                on_tick()
         returncode = proc.wait()
-    return returncode, list(tail)
+    if on_tick is not None:
+        on_tick()
+    return Streamed(returncode, list(tail), exceptions.last)
+
+
+class ExceptionLines:
+    """The last exception line of a Python traceback in the children's output.
+
+    A process that dies before our error handling runs (at an import, say) leaves only
+    its traceback; torchelastic then prints its own (ChildFailedError), which says
+    nothing about the cause and is skipped.
+    """
+
+    PREFIX = re.compile(r"^\[[^\]]*\]:\s?")  # torchrun's optional '[rank1]: ' tag
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+        self._in_traceback = False
+
+    def feed(self, line: str) -> None:
+        text = self.PREFIX.sub("", line.rstrip("\n"))
+        if text.startswith("Traceback (most recent call last):"):
+            self._in_traceback = True
+        elif self._in_traceback and text.strip() and not text[0].isspace():
+            self._in_traceback = False
+            kind = text.split(":", 1)[0].strip()
+            if re.fullmatch(r"[A-Za-z_][\w.]*", kind) and (
+                kind.rsplit(".", 1)[-1] not in LAUNCHER_EXCEPTIONS
+            ):
+                self.last = text.strip()
 
 
 @contextlib.contextmanager
@@ -156,17 +199,20 @@ def _forward_first_signal(proc: subprocess.Popen) -> Iterator[None]:
         yield
 
 
-def launch_result(failure_dir: Path, returncode: int, tail: list[str]) -> LaunchResult:
+def launch_result(failure_dir: Path, streamed: Streamed) -> LaunchResult:
     """Success, a clean stop on request, or a failure with the best reason we have."""
-    if returncode == 0:
-        return LaunchResult(0)
+    stopped = (failure_dir / STOPPED_MARKER).is_file()
+    if streamed.returncode == 0:
+        return LaunchResult(0, stopped=stopped)
     reason = rank_failure(failure_dir)
-    if reason is None and (failure_dir / STOPPED_MARKER).is_file():
-        # Rank 0 stopped on request with a checkpoint and told the host; the launcher
-        # only reports the signal that asked for it.
-        logger.info("training processes stopped on request (launcher status %s)", returncode)
-        return LaunchResult(0)
-    return LaunchResult(returncode, reason or fallback_reason(returncode, tail))
+    if reason is None and stopped:
+        # Rank 0 stopped on request and told the host; the launcher only reports the
+        # signal that asked for it.
+        logger.info(
+            "training processes stopped on request (launcher status %s)", streamed.returncode
+        )
+        return LaunchResult(0, stopped=True)
+    return LaunchResult(streamed.returncode, reason or fallback_reason(streamed))
 
 
 def rank_failure(failure_dir: Path) -> str | None:
@@ -183,13 +229,16 @@ def rank_failure(failure_dir: Path) -> str | None:
     return f"rank {rank}: {first.strip() or 'unknown error'}"
 
 
-def fallback_reason(returncode: int, tail: list[str]) -> str:
-    """No rank wrote a reason (killed, crashed hard): the children's FAILED line or last line."""
-    status = f"training processes exited with status {returncode}"
-    for line in reversed(tail):
+def fallback_reason(streamed: Streamed) -> str:
+    """No rank wrote a reason (killed, crashed hard): the children's FAILED line, the last
+    exception a child printed, or the last line."""
+    status = f"training processes exited with status {streamed.returncode}"
+    for line in reversed(streamed.tail):
         if line.startswith("FAILED: "):
             return line[len("FAILED: ") :]
-    meaningful = [line.strip() for line in tail if re.search(r"[A-Za-z0-9]", line)]
+    if streamed.exception_line:
+        return streamed.exception_line
+    meaningful = [line.strip() for line in streamed.tail if re.search(r"[A-Za-z0-9]", line)]
     return f"{status}: {meaningful[-1]}" if meaningful else status
 
 

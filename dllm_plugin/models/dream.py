@@ -30,8 +30,9 @@ from .llada import (
     AttentionMask,
     apply_rope,
     as_positions,
+    attention_for,
     bidirectional_attention,
-    prepare_attention_mask,
+    cached_keys_values,
     rms_normalize,
     rope_cos_sin,
     run_blocks,
@@ -140,8 +141,9 @@ class DreamRMSNorm(nn.Module):
 class DreamAttention(nn.Module):
     """Bidirectional GQA attention; q/k/v carry biases, o_proj does not."""
 
-    def __init__(self, config: DreamConfig) -> None:
+    def __init__(self, config: DreamConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # this layer's slot in a key/value cache
         d, hd = config.hidden_size, config.attention_head_dim
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.attention_dropout = config.attention_dropout
@@ -151,7 +153,12 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask | None,
+        cache: Any = None,
     ) -> torch.Tensor:
         """Rotate in the promoted dtype of q/k and the tables, like the reference.
 
@@ -164,6 +171,7 @@ class DreamAttention(nn.Module):
         v = split_heads(self.v_proj(x), self.n_kv_heads)
         rope_dtype = torch.promote_types(q.dtype, cos.dtype)
         q, k = apply_rope(q, cos, sin, rope_dtype), apply_rope(k, cos, sin, rope_dtype)
+        k, v = cached_keys_values(cache, k, v, self.layer_idx)
         dropout = self.attention_dropout if self.training else 0.0
         return self.o_proj(bidirectional_attention(q, k, v, mask, dropout))
 
@@ -185,10 +193,10 @@ class DreamMLP(nn.Module):
 class DreamDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block with the official Qwen2 attribute names."""
 
-    def __init__(self, config: DreamConfig) -> None:
+    def __init__(self, config: DreamConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.input_layernorm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DreamAttention(config)
+        self.self_attn = DreamAttention(config, layer_idx)
         self.post_attention_layernorm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DreamMLP(config)
 
@@ -198,9 +206,10 @@ class DreamDecoderLayer(GradientCheckpointingLayer):
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
         mask: AttentionMask | None = None,
+        cache: Any = None,
     ) -> torch.Tensor:
         """``hidden`` must stay positional: checkpointing only replays positional inputs."""
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -213,15 +222,15 @@ class DreamBaseModel(nn.Module):
         # padding_idx as in the official model: the pad row gets no gradient.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(
-            DreamDecoderLayer(config) for _ in range(config.num_hidden_layers)
+            DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def _rope(
-        self, x: torch.Tensor, position_ids: torch.Tensor | None
+        self, x: torch.Tensor, position_ids: torch.Tensor | None, cache: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 tables cast to the activation dtype, as the reference does before rotating."""
-        positions = as_positions(position_ids, x)
+        positions = as_positions(position_ids, x, cache)
         cos, sin = rope_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta)
         return cos.to(x.dtype), sin.to(x.dtype)
 
@@ -232,16 +241,19 @@ class DreamBaseModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         output_hidden_states: bool,
+        segment_ids: torch.Tensor | None = None,
+        cache: Any = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Return the final normed hidden states and, optionally, every layer's input."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = self._rope(x, position_ids)
-        mask = prepare_attention_mask(attention_mask, mask_pad_queries=True)
+        cos, sin = self._rope(x, position_ids, cache)
+        mask = attention_for(attention_mask, segment_ids, mask_pad_queries=True, cache=cache)
         return run_blocks(
-            self.layers, self.norm, x, output_hidden_states, cos=cos, sin=sin, mask=mask
-        )
+            self.layers, self.norm, x, output_hidden_states,
+            cos=cos, sin=sin, mask=mask, cache=cache,
+        )  # fmt: skip
 
 
 class DreamModel(PreTrainedModel):
@@ -306,9 +318,14 @@ class DreamModel(PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> MaskedLMOutput | tuple:
         """Bidirectional forward; positions default to 0..L-1 (padding is not skipped).
+        ``segment_ids`` [B, L] (extension, packed rows): a token attends only to tokens
+        with its own id. ``cache`` (a transformers ``DynamicCache``, for the block sampler)
+        holds earlier tokens' keys and values: the new tokens attend to them and are appended.
 
         A 2-D ``attention_mask`` [B, L] (1 = real, 0 = pad) masks pad keys and zeroes the
         attention output of pad queries, exactly what dllm's [B, 1, L, L] bool mask gives;
@@ -319,8 +336,9 @@ class DreamModel(PreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)
         hidden, states = self.model(
-            input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states
-        )
+            input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states,
+            segment_ids, cache,
+        )  # fmt: skip
         logits = self.lm_head(hidden)
         if return_dict is None:
             return_dict = self.config.return_dict

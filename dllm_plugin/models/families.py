@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import looks_like_path
 from ..errors import ModelError, first_line
+from .a2d import A2D_PREFIX, MASK_TOKEN, SOURCE_MODEL_TYPES, is_a2d_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ DREAM_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# ChatML without a default system message: a2d base checkpoints that ship no template.
+CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -93,6 +100,10 @@ class FamilySpec:
     # before loading, prepare_base(model) after loading, share_adaptors(model) after peft
     # wraps it (a new or a reloaded adaptor).
     hooks: str | None = None
+    # The mask token added when the tokenizer has none (a2d); None: a missing one is an error.
+    added_mask_token: str | None = None
+    # "module:function" that loads the family's model (models/loading.py); "" = the Auto class.
+    loader: str = ""
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -173,6 +184,20 @@ FAMILIES: dict[str, FamilySpec] = {
         kbit_upcast=False,
         hooks="diffusion_gemma",
     ),
+    # Causal LMs made bidirectional (models/a2d.py); their own chat template when they have one.
+    "a2d": FamilySpec(
+        name="a2d",
+        mask_tokens=(MASK_TOKEN,),
+        added_mask_token=MASK_TOKEN,
+        eos_tokens=("<|endoftext|>", "<|end_of_text|>", "</s>"),
+        bos_tokens=("<|begin_of_text|>", "<s>"),
+        eot_tokens=("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "</s>"),
+        chat_template=CHATML_TEMPLATE,
+        keep_own_template=True,
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        head_prefixes=("lm_head",),
+        loader="a2d:load_pretrained",
+    ),
 }
 
 
@@ -180,7 +205,7 @@ def family_model_class(family: str) -> Any:
     """The transformers class that loads this family's checkpoints."""
     import transformers
 
-    from . import dream, llada  # noqa: F401  (register the native classes)
+    from . import register_native_models  # noqa: F401  (native and a2d classes)
 
     return getattr(transformers, FAMILIES[family].model_class)
 
@@ -222,8 +247,9 @@ def read_model_config(model_path: str) -> dict[str, Any]:
 
 
 def detect_family(config: dict[str, Any]) -> str:
-    """bert, llada, dream or diffusion_gemma from `model_type`, then `architectures`;
-    unknown ones are an error naming what the config says."""
+    """bert, llada, dream, diffusion_gemma or a2d from `model_type`, then `architectures`;
+    unknown ones are an error naming what the config says (a causal LM a2d does not
+    convert, by name)."""
     model_type = str(config.get("model_type", "")).lower()
     archs = [str(a) for a in config.get("architectures") or []]
     if model_type == "diffusion_gemma" or "DiffusionGemmaForBlockDiffusion" in archs:
@@ -232,12 +258,20 @@ def detect_family(config: dict[str, Any]) -> str:
         return "llada"
     if model_type == "dream" or any(a.lower().startswith("dream") for a in archs):
         return "dream"
+    if is_a2d_model_type(model_type):
+        return "a2d"
+    if model_type.startswith(A2D_PREFIX) or any(a.endswith("ForCausalLM") for a in archs):
+        raise ModelError(
+            f"unsupported model: model_type {config.get('model_type')!r} ({', '.join(archs)}) is a "
+            f"causal LM that a2d does not convert; a2d converts {', '.join(SOURCE_MODEL_TYPES)}"
+        )
     if model_type in BERT_MODEL_TYPES or any(a.endswith("ForMaskedLM") for a in archs):
         return "bert"
     raise ModelError(
         f"unsupported model: model_type {config.get('model_type')!r}, architectures {archs}; "
         "supported: BERT-family masked LMs (bert, roberta, modernbert, distilbert), LLaDA, Dream, "
-        "DiffusionGemma"
+        "DiffusionGemma, "
+        f"and causal LMs a2d converts ({', '.join(SOURCE_MODEL_TYPES)})"
     )
 
 
@@ -274,6 +308,7 @@ class TokenIds:
     pad_id: int
     bos_id: int | None
     stop_ids: tuple[int, ...]
+    tokenizer_size: int | None = None  # len(tokenizer), mask token included
 
 
 def _find_token(tokenizer: Any, candidates: tuple[str, ...]) -> str | None:
@@ -317,6 +352,7 @@ def prepare_tokenizer(tokenizer: Any, family: str, model_config: dict[str, Any])
         pad_id=tokenizer.eos_token_id if spec.trains_padding else tokenizer.pad_token_id,
         bos_id=tokenizer.bos_token_id,
         stop_ids=tuple(sorted(stop)),
+        tokenizer_size=len(tokenizer),
     )
 
 
@@ -325,6 +361,9 @@ def _set_mask_token(tokenizer: Any, spec: FamilySpec, model_config: dict[str, An
         token = _find_token(tokenizer, spec.mask_tokens)
         if token is None and model_config.get("mask_token_id") is not None:
             token = tokenizer.convert_ids_to_tokens(int(model_config["mask_token_id"]))
+        if token is None and spec.added_mask_token:
+            tokenizer.add_special_tokens({"mask_token": spec.added_mask_token})
+            return
         if token is None:
             raise ModelError(
                 f"the tokenizer has no mask token (looked for {', '.join(spec.mask_tokens)} and the config's "

@@ -18,7 +18,9 @@ Interface kept deliberately simple for the diffusion trainer:
   for ``nn.Identity`` makes ``logits`` the final normed hidden states.
 """
 
-from typing import Any, NamedTuple
+import dataclasses
+import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AttentionMask",
@@ -38,6 +42,8 @@ __all__ = [
     "apply_rope",
     "as_positions",
     "bidirectional_attention",
+    "cached_keys_values",
+    "packed_attention",
     "prepare_attention_mask",
     "rms_normalize",
     "rope_cos_sin",
@@ -244,7 +250,8 @@ def apply_rope(
     return (xc * cos + _rotate_half(xc) * sin).to(x.dtype)
 
 
-class AttentionMask(NamedTuple):
+@dataclasses.dataclass
+class AttentionMask:
     """What the attention layers need from a user ``attention_mask``.
 
     ``keys``: bool mask for SDPA (True = may attend), broadcastable to [B, H, L, L]; rows
@@ -255,6 +262,24 @@ class AttentionMask(NamedTuple):
 
     keys: torch.Tensor | None
     queries: torch.Tensor | None
+    # Packed rows: (cu_seqlens int32 [n + 1], longest run) of the runs of equal segment
+    # ids over the flattened batch, for a variable-length kernel (see packed_attention).
+    runs: tuple[torch.Tensor, int] | None = None
+    _additive: dict[torch.dtype, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+
+    def for_sdpa(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``keys`` as SDPA's additive mask (0 / -inf) in ``dtype``, made once per forward.
+
+        Every layer gets the same tensor: SDPA would otherwise convert a bool mask into a
+        float copy in each layer and keep each copy for the backward (16 MiB per layer
+        for 4 rows of 1024 tokens).
+        """
+        if self.keys is None:
+            return None
+        if dtype not in self._additive:
+            additive = torch.zeros(self.keys.shape, dtype=dtype, device=self.keys.device)
+            self._additive[dtype] = additive.masked_fill_(~self.keys, float("-inf"))
+        return self._additive[dtype]
 
 
 def _from_key_padding(keep: torch.Tensor, mask_pad_queries: bool) -> AttentionMask:
@@ -270,6 +295,8 @@ def _from_full_mask(keep: torch.Tensor) -> AttentionMask:
     if keep.dim() == 3:
         keep = keep[:, None]
     row_open = keep.any(dim=-1, keepdim=True)
+    if bool(row_open.all()):  # e.g. packed rows: every query sees its own example
+        return AttentionMask(keys=keep, queries=None)
     return AttentionMask(keys=keep | ~row_open, queries=row_open)
 
 
@@ -293,9 +320,12 @@ def run_blocks(
 
 
 def prepare_attention_mask(
-    attention_mask: torch.Tensor | None, mask_pad_queries: bool
+    attention_mask: torch.Tensor | None, mask_pad_queries: bool, cache: Any = None
 ) -> AttentionMask | None:
     """Turn a user mask into SDPA inputs; ``None`` when nothing is masked.
+
+    With a key/value cache the new tokens see every cached token and each other: a mask
+    is refused there (the block sampler never needs one).
 
     Accepts the HF 2-D padding mask (1 = real token, 0 = pad) or a 3-D/4-D keep-mask in the
     dllm convention (nonzero = may attend; additive float masks are NOT supported). A mask
@@ -303,6 +333,8 @@ def prepare_attention_mask(
     """
     if attention_mask is None:
         return None
+    if cache is not None:
+        raise ValueError("attention_mask with a key/value cache is not supported")
     if attention_mask.is_floating_point() and bool((attention_mask < 0).any()):
         raise ValueError(
             "attention_mask looks additive (negative values); pass a keep-mask "
@@ -316,6 +348,89 @@ def prepare_attention_mask(
     if keep.dim() in (3, 4):
         return _from_full_mask(keep)
     raise ValueError(f"attention_mask must be 2-D, 3-D or 4-D, got shape {tuple(keep.shape)}")
+
+
+def packed_attention(segment_ids: torch.Tensor) -> AttentionMask:
+    """Per-example attention for packed rows [B, L]: a token sees its own segment only.
+
+    SDPA gets the block-diagonal keep-mask; on CUDA, with torch's variable-length flash
+    kernel available, the runs of equal segment ids (filler included) go to that kernel
+    instead, which computes no attention across examples at all.
+    """
+    keep = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    flat = segment_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: segment_ids.shape[1]] = True  # every row starts a run
+    bounds = torch.cat([starts.nonzero().squeeze(-1), flat.new_tensor([flat.numel()])])
+    cu_seqlens = bounds.to(torch.int32)
+    return AttentionMask(keys=keep, queries=None, runs=(cu_seqlens, int(bounds.diff().max())))
+
+
+_VARLEN_VERDICT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: tuple[torch.Tensor, int]
+) -> torch.Tensor:
+    """torch's variable-length flash attention over the runs; returns [B, L, H * D]."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, length, dim = q.shape
+    cu_seqlens, longest = runs
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # [B, h, L, D] -> [B * L, h, D]
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)
+
+    out = varlen_attn(
+        tokens(q), tokens(k), tokens(v), cu_seqlens, cu_seqlens, longest, longest,
+        enable_gqa=k.shape[1] != heads,
+    )  # fmt: skip
+    return out.reshape(batch, length, heads * dim)
+
+
+def _varlen_usable(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout_p: float
+) -> bool:
+    """Whether the variable-length kernel may run here: CUDA, half precision, no dropout,
+    the kernel present, and a one-off check on these very inputs (per device and dtype)
+    that it gives what masked SDPA gives; otherwise SDPA runs, with one log line."""
+    if mask.runs is None or not q.is_cuda or dropout_p > 0:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    key = (str(q.device), q.dtype)
+    if key not in _VARLEN_VERDICT:
+        _VARLEN_VERDICT[key] = _check_varlen(q, k, v, mask)
+    return _VARLEN_VERDICT[key]
+
+
+def _check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> bool:
+    try:
+        with torch.no_grad():
+            fast = _varlen_attention(q, k, v, mask.runs)
+            slow = bidirectional_attention(q, k, v, dataclasses.replace(mask, runs=None), 0.0)
+        ok = torch.allclose(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
+        reason = "" if ok else "its output differs from masked SDPA"
+    except Exception as e:  # no kernel in this build, unsupported GPU or head size
+        ok, reason = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        logger.warning("packed attention: the variable-length kernel is not used (%s)", reason)
+    return ok
+
+
+def attention_for(
+    attention_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    mask_pad_queries: bool,
+    cache: Any = None,
+) -> AttentionMask | None:
+    """The attention of a forward: per example for packed rows, else from the user mask."""
+    if segment_ids is None:
+        return prepare_attention_mask(attention_mask, mask_pad_queries, cache)
+    if attention_mask is not None or cache is not None:
+        raise ValueError("segment_ids (packed rows) take no attention_mask and no cache")
+    return packed_attention(segment_ids)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -337,11 +452,14 @@ def bidirectional_attention(
     """Full (never causal) SDPA with GQA; returns [B, L, H * D].
 
     Masked diffusion models see the whole sequence, so ``is_causal`` is always False; the
-    scale is SDPA's default ``1 / sqrt(head_dim)``.
+    scale is SDPA's default ``1 / sqrt(head_dim)``. Packed rows may take the
+    variable-length kernel (``packed_attention``).
     """
+    if mask is not None and _varlen_usable(q, k, v, mask, dropout_p):
+        return _varlen_attention(q, k, v, mask.runs)
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-    attn_mask = None if mask is None else mask.keys
+    attn_mask = None if mask is None else mask.for_sdpa(q.dtype)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False
     )
@@ -351,19 +469,37 @@ def bidirectional_attention(
     return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
+def cached_keys_values(
+    cache: Any, k: torch.Tensor, v: torch.Tensor, layer_idx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values to attend to: with a transformers ``Cache`` the cached prefix's followed
+    by these (which the cache keeps); without one, these.
+
+    Only the block sampler passes a cache: it appends each committed block and crops the
+    keys/values of a block it is still denoising (block_sampler.py).
+    """
+    if cache is None:
+        return k, v
+    return cache.update(k, v, layer_idx)
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, L, heads * D] -> [B, heads, L, D]."""
     batch, length, width = x.shape
     return x.view(batch, length, heads, width // heads).transpose(1, 2)
 
 
-def as_positions(position_ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """[B or 1, L] positions for ``x`` [B, L, d]; default 0..L-1.
+def as_positions(
+    position_ids: torch.Tensor | None, x: torch.Tensor, cache: Any = None
+) -> torch.Tensor:
+    """[B or 1, L] positions for ``x`` [B, L, d]; default 0..L-1 (after a cache: after the
+    cached tokens).
 
     Both references place tokens at 0..L-1 regardless of padding, so that is the default.
     """
     if position_ids is None:
-        return torch.arange(x.shape[1], device=x.device)[None, :]
+        start = cache.get_seq_length() if cache is not None else 0
+        return torch.arange(start, start + x.shape[1], device=x.device)[None, :]
     position_ids = position_ids.to(x.device)
     return position_ids[None, :] if position_ids.dim() == 1 else position_ids
 
@@ -394,8 +530,9 @@ class LLaDABlock(GradientCheckpointingLayer):
     ``ff_out`` the down projection.
     """
 
-    def __init__(self, config: LLaDAConfig) -> None:
+    def __init__(self, config: LLaDAConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # this block's slot in a key/value cache
         d, hd, ffn = config.d_model, config.attention_head_dim, config.ffn_hidden_size
         qkv_bias = bool(config.include_bias or config.include_qkv_bias)
         bias, norm_bias = bool(config.include_bias), _norm_has_bias(config)
@@ -414,13 +551,19 @@ class LLaDABlock(GradientCheckpointingLayer):
         self.ff_out = nn.Linear(ffn, d, bias=bias)
 
     def _attention(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask | None,
+        cache: Any = None,
     ) -> torch.Tensor:
         q = split_heads(self.q_proj(x), self.n_heads)
         k = split_heads(self.k_proj(x), self.n_kv_heads)
         v = split_heads(self.v_proj(x), self.n_kv_heads)
         rope_dtype = torch.float32 if self.rope_full_precision else q.dtype
         q, k = apply_rope(q, cos, sin, rope_dtype), apply_rope(k, cos, sin, rope_dtype)
+        k, v = cached_keys_values(cache, k, v, self.layer_idx)
         dropout = self.attention_dropout if self.training else 0.0
         return self.attn_out(bidirectional_attention(q, k, v, mask, dropout))
 
@@ -433,10 +576,12 @@ class LLaDABlock(GradientCheckpointingLayer):
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
         mask: AttentionMask | None = None,
+        cache: Any = None,
     ) -> torch.Tensor:
         """``hidden`` must stay positional: checkpointing only replays positional inputs."""
         p = self.residual_dropout if self.training else 0.0
-        hidden = hidden + F.dropout(self._attention(self.attn_norm(hidden), cos, sin, mask), p)
+        attended = self._attention(self.attn_norm(hidden), cos, sin, mask, cache)
+        hidden = hidden + F.dropout(attended, p)
         return hidden + F.dropout(self._mlp(self.ff_norm(hidden)), p)
 
 
@@ -446,7 +591,7 @@ class LLaDATransformer(nn.Module):
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__()
         self.wte = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers))
         self.ln_f = LLaDARMSNorm(config.d_model, config.rms_norm_eps, _norm_has_bias(config))
         # With weight_tying this Linear shares wte's weight (tied by transformers), so the
         # trainer always finds an nn.Linear head and checkpoints keep the official keys.
@@ -468,6 +613,8 @@ class LLaDAModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         output_hidden_states: bool,
+        segment_ids: torch.Tensor | None = None,
+        cache: Any = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Return the final normed hidden states and, optionally, every block's input."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -475,10 +622,12 @@ class LLaDAModel(nn.Module):
         tr = self.transformer
         x = tr.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = F.dropout(x, self.config.embedding_dropout, self.training)
-        positions = as_positions(position_ids, x)
+        positions = as_positions(position_ids, x, cache)
         cos, sin = rope_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta)
-        mask = prepare_attention_mask(attention_mask, mask_pad_queries=False)
-        return run_blocks(tr.blocks, tr.ln_f, x, output_hidden_states, cos=cos, sin=sin, mask=mask)
+        mask = attention_for(attention_mask, segment_ids, mask_pad_queries=False, cache=cache)
+        return run_blocks(
+            tr.blocks, tr.ln_f, x, output_hidden_states, cos=cos, sin=sin, mask=mask, cache=cache
+        )
 
 
 class LLaDAModelLM(PreTrainedModel):
@@ -535,10 +684,16 @@ class LLaDAModelLM(PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> MaskedLMOutput | tuple:
         """Bidirectional forward; positions default to 0..L-1 as in the official code
         (``position_ids`` is an extension with the same meaning as Dream's).
+        ``segment_ids`` [B, L] (extension, packed rows): a token attends only to tokens
+        with its own id (models/packing.py passes them with restarting positions).
+        ``cache`` (a transformers ``DynamicCache``, an extension for the block sampler)
+        holds earlier tokens' keys and values: the new tokens attend to them and are appended.
 
         ``attention_mask`` [B, L] (1 = real, 0 = pad) masks pad *keys* only, like dllm's
         copy (the upstream code ignores it); 3-D/4-D keep-masks (nonzero = may attend) are
@@ -549,8 +704,9 @@ class LLaDAModelLM(PreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)
         hidden, states = self.model(
-            input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states
-        )
+            input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states,
+            segment_ids, cache,
+        )  # fmt: skip
         logits = self.model.transformer.ff_out(hidden)
         if return_dict is None:
             return_dict = self.config.return_dict

@@ -8,6 +8,7 @@ stay fp32.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from ..errors import ModelError
 from .families import (
     FAMILIES,
+    TokenIds,
     family_hook,
     family_model_class,
     head_module_names,
@@ -71,7 +73,23 @@ class LoadedModel:
     lora_targets: list[str] = field(default_factory=list)
 
 
-def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
+def from_pretrained(model_path: str, family: str, ids: TokenIds | None, **kwargs: Any) -> Any:
+    """The family's model from a checkpoint: its own loader (a2d converts a causal LM and
+    gives the mask token its rows) or its transformers class; never remote code."""
+    loader = FAMILIES[family].loader
+    if not loader:
+        return family_model_class(family).from_pretrained(
+            model_path, trust_remote_code=False, **kwargs
+        )
+    module, _, name = loader.partition(":")
+    load = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    mask_id = ids.mask_id if ids is not None else None
+    return load(model_path, mask_id, ids.tokenizer_size if ids is not None else None, **kwargs)
+
+
+def load_model(
+    model_path: str, family: str, opts: LoadOptions, ids: TokenIds | None = None
+) -> LoadedModel:
     """The model ready for the Trainer (peft-wrapped when lora)."""
     from transformers import set_seed
 
@@ -83,12 +101,11 @@ def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
         kwargs["dtype"] = torch.float32
     if opts.load_in_4bit:
         kwargs["quantization_config"] = _bnb_config(family, opts)
-    # Weights the checkpoint lacks are initialised from the global RNG: seed it from the
-    # job, so one job file gives the same model on every run and every process.
+    # Weights the checkpoint lacks (and rows added for a new mask token) are initialised
+    # from the global RNG: seed it from the job, so one job file gives the same model on
+    # every run and every process.
     set_seed(opts.seed)
-    model, info = family_model_class(family).from_pretrained(
-        model_path, output_loading_info=True, trust_remote_code=False, **kwargs
-    )
+    model, info = from_pretrained(model_path, family, ids, output_loading_info=True, **kwargs)
     fresh = fresh_modules(model, info.get("missing_keys", []))
     if fresh:
         logger.info("newly initialised (not in the checkpoint): %s", ", ".join(fresh))
@@ -109,7 +126,7 @@ def load_model(model_path: str, family: str, opts: LoadOptions) -> LoadedModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets: list[str] = []
     if opts.lora:
-        model, targets = _wrap_lora(model, family, opts, fresh)
+        model, targets = wrap_lora(model, family, opts, fresh)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -140,9 +157,10 @@ def fresh_modules(model: Any, missing_keys: list[str]) -> list[str]:
     return sorted(found)
 
 
-def _wrap_lora(
+def wrap_lora(
     model: Any, family: str, opts: LoadOptions, fresh: list[str]
 ) -> tuple[Any, list[str]]:
+    """The model under a peft LoRA wrapper (fresh head modules trained in full); its targets."""
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_lora_targets(model, family, opts.lora_target_modules, exclude=set(fresh))

@@ -14,6 +14,9 @@ if args.workspace_dir:
     os.environ["TFL_WORKSPACE_DIR"] = args.workspace_dir
 
 sys.path.append(args.plugin_dir)
+# Test hook: the host's own shared packages (its transformers 4.57), after the venv.
+if os.environ.get("FAKE_TLAB_HOST_PACKAGES"):
+    sys.path.append(os.environ["FAKE_TLAB_HOST_PACKAGES"])
 
 import main  # noqa: E402
 
