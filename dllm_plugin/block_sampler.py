@@ -35,12 +35,12 @@ from .sampling import (
     MDLM_ALGORITHMS,
     SamplingConfig,
     _commit_top,
-    eval_mode,
     _even_split,
     _gumbel_argmax,
     _make_generator,
     _model_device,
     clean_generation,
+    eval_mode,
 )
 
 
