@@ -105,32 +105,32 @@ def build_model() -> Any:
 def synthetic_batch() -> dict[str, Any]:
     import torch
 
-    from dllm_plugin.data.collators import BlockDiffusionCollator
+    from dllm_plugin.data.collators import CanvasCollator
 
     gen = torch.Generator().manual_seed(1234)
     features = []
     for answer in ANSWERS:
         ids = torch.randint(3, VOCAB, (PROMPT + answer,), generator=gen).tolist()
         features.append({"input_ids": ids, "labels": ids, "prompt_len": PROMPT})
-    return BlockDiffusionCollator(pad_token_id=0, eos_token_id=1, block_size=CANVAS)(features)
+    return CanvasCollator(pad_token_id=0, eos_token_id=1, block_size=CANVAS)(features)
 
 
 @contextlib.contextmanager
 def no_self_conditioning() -> Any:
     """Remove pass 1 (measurement only): the decoder runs once, with no self-conditioning."""
-    from dllm_plugin.diffusion import block_diffusion
+    from dllm_plugin.diffusion import diffusion_gemma_recipe
 
-    original = block_diffusion._SelfConditioning.installed
+    original = diffusion_gemma_recipe._SelfConditioning.installed
 
     @contextlib.contextmanager
     def once(self):
         yield
 
-    block_diffusion._SelfConditioning.installed = once
+    diffusion_gemma_recipe._SelfConditioning.installed = once
     try:
         yield
     finally:
-        block_diffusion._SelfConditioning.installed = original
+        diffusion_gemma_recipe._SelfConditioning.installed = original
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """DiffusionGemmaTrainer: block-diffusion SFT of DiffusionGemma as a transformers.Trainer.
 
-The recipe (diffusion/block_diffusion.py) reads step by step in `compute_loss`; its draws
+The recipe (diffusion/diffusion_gemma_recipe.py) reads step by step in `compute_loss`; its draws
 come from diffusion/noise.py, keyed by (seed, phase, step, global row) like every other
 method's, and its normalisers are the global counts of scored tokens of each optimizer
 step, so neither gradient accumulation nor the process count changes the loss.
@@ -17,15 +17,15 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from .data.collators import BlockDiffusionCollator
-from .diffusion.block_diffusion import (
-    BlockRecipe,
-    block_diffusion_losses,
+from .data.collators import CanvasCollator
+from .diffusion.diffusion_gemma_recipe import (
+    CanvasRecipe,
+    canvas_losses,
     num_blocks,
     scored_counts,
 )
 from .diffusion.masked_head import HeadVerdict
-from .diffusion.noise import draw_block_noise
+from .diffusion.noise import draw_canvas_noise
 from .errors import ModelError
 from .models.families import TokenIds
 from .trainers import DiffusionTrainer
@@ -95,7 +95,7 @@ class DiffusionGemmaTrainer(DiffusionTrainer):
     ):
         super().__init__(*args, **kwargs)
         base = base_model(self.model, self.accelerator.unwrap_model)
-        self.recipe = BlockRecipe(
+        self.recipe = CanvasRecipe(
             block_size(self.args.canvas_length, base.config.to_dict()),
             self.args.encoder_loss_weight,
             self.args.encoder_loss_scope,
@@ -124,10 +124,8 @@ class DiffusionGemmaTrainer(DiffusionTrainer):
         )
 
     @classmethod
-    def collator(
-        cls, ids: TokenIds, cfg: Any, model_config: dict[str, Any]
-    ) -> BlockDiffusionCollator:
-        return BlockDiffusionCollator(
+    def collator(cls, ids: TokenIds, cfg: Any, model_config: dict[str, Any]) -> CanvasCollator:
+        return CanvasCollator(
             pad_token_id=ids.pad_id,
             eos_token_id=ids.eos_id,
             block_size=block_size(cfg.canvas_length, model_config),
@@ -144,7 +142,7 @@ class DiffusionGemmaTrainer(DiffusionTrainer):
         training = model.training
         # 1. per row: t, the scored block, the self-conditioning coin, the corruption
         phase, step, first_row = self._first_row_key(training)
-        noise = draw_block_noise(
+        noise = draw_canvas_noise(
             num_blocks(inputs, self.recipe.block_size), self.recipe.block_size,
             self.vocab_size, self.args.time_epsilon, self.args.self_conditioning_prob,
             self.args.seed, phase, step, first_row,
@@ -152,7 +150,7 @@ class DiffusionGemmaTrainer(DiffusionTrainer):
         # 2-6. encoder on the clean sequence, two decoder passes on the block, the CE sums
         head = self.head_verdict.head(model, None) if self.args.score_masked_only else None
         base = base_model(model, self.accelerator.unwrap_model)
-        losses = block_diffusion_losses(
+        losses = canvas_losses(
             model, base, head, inputs, noise, self.recipe, self.args.head_chunk_size
         )
         # token normalisation over the global batch

@@ -114,8 +114,10 @@ class DiffusionTrainer(Trainer):
     # compute_loss scales for gradient accumulation and world size itself.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, held_out: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # evaluation/held_out.py: the held-out score (and accuracy) added to every evaluation
+        self.held_out = held_out
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -155,6 +157,16 @@ class DiffusionTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's loop (eval_loss: one training-loss draw per row), plus the held-out
+        ELBO and, when asked, answer accuracy, in the same log entry."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.held_out is not None:
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            extra = self.held_out.measure(self)
+            output.metrics.update({f"{prefix}_{k}": v for k, v in extra.items()})
+        return output
 
     # ---- metrics -----------------------------------------------------------------
     def _record(self, training: bool, **sums: torch.Tensor) -> None:
@@ -232,14 +244,11 @@ class MDLMTrainer(DiffusionTrainer):
         *args: Any,
         mask_token_id: int,
         bos_token_id: int | None = None,
-        held_out: Any = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.mask_token_id = mask_token_id
         self.bos_token_id = bos_token_id
-        # evaluation/held_out.py: the held-out ELBO (and accuracy) added to every evaluation
-        self.held_out = held_out
         # Ask the Trainer for the global maskable-token count of each optimizer step.
         self.model_accepts_loss_kwargs = True
         self.schedule = get_schedule(self.args.noise_schedule)
@@ -490,16 +499,6 @@ class MDLMTrainer(DiffusionTrainer):
             "ppl": round(math.exp(min(nll, 50.0)), 4),
             "mask_ratio": round(totals["masked_tokens"] / max(totals["maskable_tokens"], 1), 4),
         }
-
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's loop (eval_loss: one training-loss draw per row), plus the held-out
-        ELBO and, when asked, answer accuracy, in the same log entry."""
-        output = super().evaluation_loop(*args, **kwargs)
-        if self.held_out is not None:
-            prefix = kwargs.get("metric_key_prefix", "eval")
-            extra = self.held_out.measure(self)
-            output.metrics.update({f"{prefix}_{k}": v for k, v in extra.items()})
-        return output
 
     # ---- evaluation hooks ----------------------------------------------------------
     # The held-out ELBO (evaluation/elbo.py) and the lm-eval model score a method through

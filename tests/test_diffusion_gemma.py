@@ -22,10 +22,10 @@ from helpers import (
 from transformers import DynamicCache, TrainerCallback
 
 from dllm_plugin.config import build_job_config
-from dllm_plugin.data.collators import BlockDiffusionCollator
-from dllm_plugin.diffusion.block_diffusion import cache_argument, num_blocks
+from dllm_plugin.data.collators import CanvasCollator
 from dllm_plugin.diffusion.chunked_ce import chunked_linear_cross_entropy
-from dllm_plugin.diffusion.noise import draw_block_noise
+from dllm_plugin.diffusion.diffusion_gemma_recipe import cache_argument, num_blocks
+from dllm_plugin.diffusion.noise import draw_canvas_noise
 from dllm_plugin.diffusion.soft_embedding import soft_embeddings
 from dllm_plugin.diffusion_gemma_trainer import (
     DiffusionGemmaTrainer,
@@ -99,7 +99,7 @@ def make_trainer(tmp_path, model, **options) -> DiffusionGemmaTrainer:
 # ---- the noise -----------------------------------------------------------------------------
 def test_block_noise_is_the_documented_keyed_stream():
     blocks = torch.tensor([1, 3, 0, 2])
-    noise = draw_block_noise(blocks, BLOCK, 100, 1e-3, 0.5, 7, 0, 4, 10)
+    noise = draw_canvas_noise(blocks, BLOCK, 100, 1e-3, 0.5, 7, 0, 4, 10)
     for row, n in enumerate(blocks.tolist()):
         g = keyed_generator(7, 0, 4, 10 + row)
         t = 1e-3 + (1 - 1e-3) * torch.rand(1, generator=g)
@@ -111,7 +111,7 @@ def test_block_noise_is_the_documented_keyed_stream():
         assert bool(noise.self_condition[row]) == (u_coin < 0.5)
         assert torch.equal(noise.corrupt[row], corrupt) and torch.equal(noise.tokens[row], tokens)
     # A row's draws do not depend on the other rows.
-    alone = draw_block_noise(blocks[2:3], BLOCK, 100, 1e-3, 0.5, 7, 0, 4, 12)
+    alone = draw_canvas_noise(blocks[2:3], BLOCK, 100, 1e-3, 0.5, 7, 0, 4, 12)
     assert torch.equal(alone.tokens[0], noise.tokens[2]) and alone.t[0] == noise.t[2]
 
 
@@ -171,11 +171,11 @@ def test_loss_equals_brute_force(tmp_path, tokenizer, attention, masked_only, sc
         tmp_path, model, score_masked_only=masked_only, encoder_loss_scope=scope,
         encoder_loss_weight=weight,
     )  # fmt: skip
-    batch = BlockDiffusionCollator(0, 1, BLOCK)(features(tokenizer))
+    batch = CanvasCollator(0, 1, BLOCK)(features(tokenizer))
     model.train()  # no dropout in this model; train mode is what compute_loss sees
     loss = trainer.compute_loss(model, batch)
     # The trainer's draws for step 0, rows 0..2 (the keyed stream tested above).
-    noise = draw_block_noise(
+    noise = draw_canvas_noise(
         num_blocks(batch, BLOCK), BLOCK, DGEMMA_VOCAB, 1e-3, 0.5, SEED, 0, 0, 0
     )
     assert noise.self_condition.tolist() == [True, True, False]  # both kinds of rows
@@ -186,7 +186,7 @@ def test_loss_equals_brute_force(tmp_path, tokenizer, attention, masked_only, sc
 
 
 def test_chunked_and_full_logits_paths_give_the_same_gradients(tmp_path, tokenizer):
-    batch = BlockDiffusionCollator(0, 1, BLOCK)(features(tokenizer))
+    batch = CanvasCollator(0, 1, BLOCK)(features(tokenizer))
     grads = []
     for masked_only in (True, False):
         model = tiny_diffusion_gemma(seed=2)
@@ -206,7 +206,7 @@ def test_router_and_vision_tower_get_no_gradient(tmp_path, tokenizer):
     folder = tiny_diffusion_gemma_dir(tmp_path / "model")
     model = load_model(str(folder), "diffusion_gemma", LoadOptions(dtype="float32")).model
     trainer = make_trainer(tmp_path / "out", model)
-    batch = BlockDiffusionCollator(0, 1, BLOCK)(features(tokenizer))
+    batch = CanvasCollator(0, 1, BLOCK)(features(tokenizer))
     model.train()
     trainer.compute_loss(model, batch).backward()
     params = dict(model.named_parameters())
@@ -256,7 +256,7 @@ def run_steps(tmp_path, tokenizer, batch_size: int, accumulation: int):
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
-        data_collator=BlockDiffusionCollator(0, 1, BLOCK),
+        data_collator=CanvasCollator(0, 1, BLOCK),
         callbacks=[recorder],
     )
     trainer.train()
@@ -336,7 +336,7 @@ def test_lora_target_names_are_checked_against_this_family(model_dir):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tokenizer, model_dir, lora):
-    batch = BlockDiffusionCollator(0, 1, BLOCK)(features(tokenizer))
+    batch = CanvasCollator(0, 1, BLOCK)(features(tokenizer))
     grads = []
     for checkpointing in (False, True):
         opts = LoadOptions(
@@ -376,7 +376,7 @@ def test_4bit_quantises_the_text_projections_and_trains(tmp_path, tokenizer, mod
     assert experts.gate_up_proj.dtype == torch.float32 and not experts.gate_up_proj.requires_grad
     trainer = make_trainer(tmp_path, model)
     model.train()
-    loss = trainer.compute_loss(model, BlockDiffusionCollator(0, 1, BLOCK)(features(tokenizer)))
+    loss = trainer.compute_loss(model, CanvasCollator(0, 1, BLOCK)(features(tokenizer)))
     loss.backward()
     assert 5.0 < loss.item() < 15.0
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
@@ -444,12 +444,12 @@ def test_family_detection_and_tokenizer_setup(model_dir, tokenizer):
     assert answer == "yo<turn|>\n"
 
 
-def test_block_diffusion_collator_fills_answers_with_eos_to_whole_blocks():
+def test_canvas_collator_fills_answers_with_eos_to_whole_blocks():
     rows = [
         {"input_ids": [2, 5, 6, 7, 8], "labels": [-100, -100, 6, 7, 8], "prompt_len": 2},
         {"input_ids": [2, 5, 6, 9, 9, 9, 9, 9, 9, 9, 9, 9], "labels": [0] * 12, "prompt_len": 3},
     ]
-    batch = BlockDiffusionCollator(pad_token_id=0, eos_token_id=1, block_size=4)(rows)
+    batch = CanvasCollator(pad_token_id=0, eos_token_id=1, block_size=4)(rows)
     assert batch["input_ids"].tolist() == [
         [2, 5, 6, 7, 8, 1] + [0] * 9,
         [2, 5, 6] + [9] * 9 + [1, 1, 1],
@@ -480,7 +480,7 @@ def test_options_of_other_methods_are_config_errors(option):
         check_method_options(resolve_method("auto", "diffusion_gemma", "m"), cfg)
 
 
-def test_block_diffusion_options_are_manifest_parameters_with_the_recipe_defaults():
+def test_diffusion_gemma_options_are_manifest_parameters_with_the_recipe_defaults():
     cfg = build_job_config({"model_name": "m", "training_method": "diffusion_gemma"})
     assert (cfg.canvas_length, cfg.encoder_loss_weight, cfg.encoder_loss_scope) == (
         0,
@@ -491,5 +491,7 @@ def test_block_diffusion_options_are_manifest_parameters_with_the_recipe_default
     from dllm_plugin.methods import METHODS
     from dllm_plugin.training_args import method_options
 
-    options = method_options(cfg, METHODS["diffusion_gemma"], DiffusionGemmaTrainingArguments)
+    options = method_options(
+        cfg, METHODS[("diffusion_gemma", "mdlm")], DiffusionGemmaTrainingArguments
+    )
     assert options["self_conditioning_prob"] == 0.5 and "loss_weight_type" not in options

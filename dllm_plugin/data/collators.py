@@ -24,7 +24,7 @@ from ..rng import keyed_generator
 
 __all__ = [
     "FILLER_SEGMENT",
-    "BlockDiffusionCollator",
+    "CanvasCollator",
     "DreamCollator",
     "MDLMCollator",
     "PackedCollator",
@@ -244,7 +244,7 @@ class PackedCollator:
 
 
 @dataclass
-class BlockDiffusionCollator:
+class CanvasCollator:
     """Prompt + answer filled with EOS to whole blocks, right-padded, with an attention mask.
 
     Blocks count from the answer's first token (where generation's first canvas starts).

@@ -196,7 +196,7 @@ def draw_noise(
 
 
 @dataclass(frozen=True)
-class BlockNoise:
+class CanvasNoise:
     """The draws of block diffusion with uniform-token corruption (DiffusionGemma), per row.
 
     t [b]: the row's corruption probability; block [b]: the response block that is
@@ -212,7 +212,7 @@ class BlockNoise:
     tokens: Tensor
 
 
-def draw_block_noise(
+def draw_canvas_noise(
     num_blocks: Tensor,
     block_size: int,
     vocab_size: int,
@@ -222,8 +222,8 @@ def draw_block_noise(
     phase: int,
     step: int,
     first_row: int,
-) -> BlockNoise:
-    """Block-diffusion noise for rows `first_row`, `first_row + 1`, ... of a global batch.
+) -> CanvasNoise:
+    """DiffusionGemma's canvas noise for rows `first_row`, `first_row + 1`, ... of a global batch.
 
     Per row, from its keyed generator and always in this order and amount (so a row's
     draws never depend on the other rows, the padding width or its own length beyond
@@ -243,7 +243,7 @@ def draw_block_noise(
         corrupt.append(torch.rand(block_size, generator=gen) < t)
         tokens.append(torch.randint(0, vocab_size, (block_size,), generator=gen))
     device = num_blocks.device
-    return BlockNoise(
+    return CanvasNoise(
         t=torch.cat(times).to(device),
         block=torch.tensor(blocks, dtype=torch.long, device=device),
         self_condition=torch.tensor(coins, dtype=torch.bool, device=device),

@@ -1,7 +1,7 @@
 """Block diffusion with uniform-token noise and self-conditioning: DiffusionGemma's SFT loss.
 
 The recipe (NVIDIA NeMo AutoModel's DiffusionGemma SFT), per example, on the clean
-sequence prompt + answer + EOS fill to whole blocks (BlockDiffusionCollator):
+sequence prompt + answer + EOS fill to whole blocks (CanvasCollator):
  1. noise (diffusion/noise.py, keyed per row): t ~ U[eps, 1); one answer block; a
     self-conditioning coin; each position of that block replaced by a uniformly drawn
     vocabulary id with probability t (no mask token);
@@ -24,7 +24,7 @@ gives there (canvas blocks never attend to each other), at 1/blocks of the decod
 cost. Pass 1 runs inside the model's one forward (a hook on the decoder), so DDP sees
 a single forward and the encoder runs once.
 
-`block_diffusion_losses` computes the per-row sums for given draws: the trainer and an
+`canvas_losses` computes the per-row sums for given draws: the trainer and an
 evaluation (held-out ELBO-style loss on fixed draws) share it.
 """
 
@@ -41,15 +41,15 @@ from torch import Tensor, nn
 
 from .chunked_ce import chunked_linear_cross_entropy
 from .masked_head import head_chunk_rows, swapped_head
-from .noise import BlockNoise
+from .noise import CanvasNoise
 from .soft_embedding import soft_embeddings
 
 ENCODER_LOSS_SCOPES = ("sequence", "response")
 
 
 @dataclass(frozen=True)
-class BlockRecipe:
-    """The loss's knobs (the noise's are in draw_block_noise)."""
+class CanvasRecipe:
+    """The loss's knobs (the noise's are in draw_canvas_noise)."""
 
     block_size: int
     encoder_loss_weight: float = 1.0
@@ -97,12 +97,12 @@ def num_blocks(batch: dict[str, Tensor], block_size: int) -> Tensor:
     if bool((response % block_size != 0).any()):
         raise ValueError(
             f"response_len must be a multiple of the block size {block_size}: "
-            f"{response.tolist()} (use BlockDiffusionCollator)"
+            f"{response.tolist()} (use CanvasCollator)"
         )
     return response // block_size
 
 
-def canvas(batch: dict[str, Tensor], noise: BlockNoise, block_size: int) -> Canvas:
+def canvas(batch: dict[str, Tensor], noise: CanvasNoise, block_size: int) -> Canvas:
     """The chosen block of every row, clean and noised."""
     ids, prompt, response = batch["input_ids"], batch["prompt_len"], batch["response_len"]
     offsets = torch.arange(block_size, device=ids.device)
@@ -155,7 +155,7 @@ def encoder_pairs(batch: dict[str, Tensor], scope: str) -> Tensor:
     return (target >= prompt[:, None]) & (target < (prompt + response)[:, None])
 
 
-def scored_counts(batch: dict[str, Tensor], recipe: BlockRecipe) -> Tensor:
+def scored_counts(batch: dict[str, Tensor], recipe: CanvasRecipe) -> Tensor:
     """[N_diff, N_enc] of a batch: what the loss is normalised by (the same for any draws:
     every position of a chosen block is scored)."""
     n_diff = recipe.block_size * (batch["response_len"] > 0).sum()
@@ -242,13 +242,13 @@ def _per_row(values: Tensor, rows: Tensor, b: int) -> Tensor:
     )
 
 
-def block_diffusion_losses(
+def canvas_losses(
     model: nn.Module,
     base: nn.Module,
     head: nn.Linear | None,
     batch: dict[str, Tensor],
-    noise: BlockNoise,
-    recipe: BlockRecipe,
+    noise: CanvasNoise,
+    recipe: CanvasRecipe,
     chunk_rows: int = 2048,
 ) -> RowLosses:
     """The recipe's CE sums for one batch and fixed draws.
