@@ -108,7 +108,7 @@ def probe_logits(model) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, model_dir):
-    return train(tmp_path_factory.mktemp("full"), model_dir)
+    return train(tmp_path_factory.mktemp("full"), model_dir, num_preview_samples=2)
 
 
 def test_full_sft_trains_and_the_saved_model_reloads_exactly(full_run):
@@ -128,6 +128,10 @@ def test_full_sft_trains_and_the_saved_model_reloads_exactly(full_run):
     assert held["before_training"] == {"exact_match": 0.0, "token_f1": 0.0}
     assert held["after_training"] == {"exact_match": 1.0, "token_f1": 1.0}
     assert [a["generated"] for a in held["answers"]] == ["ok", "ok"]
+    # The preview answers (the model's own generation too), before and after training.
+    samples = summary["samples"]
+    assert len(samples) == 2 and all(s["generated"] == s["reference"] for s in samples)
+    assert all(s["before_training"] != s["reference"] for s in samples)
     out = Path(summary["output_path"])
     reloaded = DiffusionGemmaForBlockDiffusion.from_pretrained(out)
     torch.testing.assert_close(
