@@ -495,3 +495,28 @@ def test_diffusion_gemma_options_are_manifest_parameters_with_the_recipe_default
         cfg, METHODS[("diffusion_gemma", "mdlm")], DiffusionGemmaTrainingArguments
     )
     assert options["self_conditioning_prob"] == 0.5 and "loss_weight_type" not in options
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+def test_lm_eval_generates_with_the_models_sampler_and_refuses_loglikelihood(tokenizer):
+    """No masked-diffusion ELBO for this method: lm-eval's log-likelihoods are refused in
+    one line; generate_until answers with the method's sampler (the model's generate)."""
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from dllm_plugin.evaluation.lm_eval_model import DiffusionLM, Loaded
+    from dllm_plugin.sampling import SamplingConfig
+
+    model = tiny_diffusion_gemma(seed=2)
+    ids = prepare_tokenizer(tokenizer, "diffusion_gemma", {})
+    method = resolve_method("auto", "diffusion_gemma", "m")
+    lm = DiffusionLM(loaded=Loaded(model, tokenizer, ids, method), max_new_tokens=8, seed=5)
+    with pytest.raises(ModelError, match="loglikelihood: training_method 'diffusion_gemma'"):
+        lm.loglikelihood([SimpleNamespace(args=("hi", " yo"))])
+    [text] = lm.generate_until([SimpleNamespace(args=("hi", {"max_gen_toks": 8, "until": []}))])
+    prompt = [*lm._prefix, *lm._encode("hi")]
+    config = SamplingConfig(max_new_tokens=8, steps=8, block_size=8, seed=5)
+    tokens = method.sampler_function()(
+        model, [prompt], mask_id=None, stop_ids=ids.stop_ids, pad_id=ids.pad_id, config=config
+    )[0]
+    assert text == tokenizer.decode(tokens, skip_special_tokens=True) and len(tokens) > 0
