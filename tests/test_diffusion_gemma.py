@@ -467,6 +467,9 @@ def test_canvas_collator_fills_answers_with_eos_to_whole_blocks():
         {"perbatch_cutoff": False},
         {"loss_norm_type": "sequence"},
         {"mask_prompt_loss": False},
+        {"block_size": 64},
+        {"timestep_sampling": "stratified"},
+        {"complementary_masking": True},
     ],
 )
 def test_options_of_other_methods_are_config_errors(option):
@@ -478,6 +481,17 @@ def test_options_of_other_methods_are_config_errors(option):
     cfg = build_job_config({"model_name": "m", "training_method": "auto", **option})
     with pytest.raises(ConfigError):  # auto: checked once the model's family is known
         check_method_options(resolve_method("auto", "diffusion_gemma", "m"), cfg)
+
+
+def test_packing_and_bd3lm_are_config_errors():
+    from dllm_plugin.methods import check_packing, method_row
+
+    with pytest.raises(ConfigError, match="packing: training_method 'diffusion_gemma' does not"):
+        check_packing(method_row("diffusion_gemma"), {"model_type": "diffusion_gemma"})
+    with pytest.raises(ConfigError, match="diffusion_type: 'bd3lm' is not available"):
+        build_job_config(
+            {"model_name": "m", "training_method": "diffusion_gemma", "diffusion_type": "bd3lm"}
+        )
 
 
 def test_diffusion_gemma_options_are_manifest_parameters_with_the_recipe_defaults():
