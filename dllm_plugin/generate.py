@@ -47,13 +47,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--system", default="", help="optional system message")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default: max-new-tokens)"
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: max-new-tokens; DiffusionGemma: at most this many per canvas)",
     )
     parser.add_argument(
         "--block-size",
         type=int,
         default=None,
-        help="MDLM block length (default 32); block diffusion uses its trained size",
+        help="MDLM block length (default 32); block diffusion uses its trained size, "
+        "DiffusionGemma its canvas_length",
     )
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy and deterministic"
@@ -158,6 +162,7 @@ def messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def load_weights(setup: GenerationSetup, adaptor: str | None, device: str) -> Any:
     """The model (with the adaptor applied), in eval mode on `device`."""
+    from .models.families import family_hook
     from .models.loading import from_pretrained
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -166,6 +171,7 @@ def load_weights(setup: GenerationSetup, adaptor: str | None, device: str) -> An
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adaptor)
+        family_hook(setup.family, "share_adaptors")(model)
     return model.to(device).eval()
 
 

@@ -35,7 +35,7 @@ class Method:
     trainer: str  # "module:Class" of its Trainer (relative to this package)
     sampler: str  # "module:function" of its sampler
     summary: str  # one line for messages and docs
-    weight_option: str  # the manifest parameter that holds its loss weighting
+    weight_option: str | None  # the manifest parameter that holds its loss weighting, if any
     diffusion_type: str = MDLM
     # Options that mean nothing for this method. Set away from their default they are
     # a warning (the original plugin's saved templates carry every option), or a config
@@ -85,6 +85,13 @@ class Method:
         return max_length // block_size * block_size
 
 
+# DiffusionGemma's own options: meaningless for the masked-diffusion methods.
+_DIFFUSION_GEMMA_OPTIONS = (
+    "canvas_length",
+    "encoder_loss_weight",
+    "encoder_loss_scope",
+    "self_conditioning_prob",
+)
 _MDLM_ONLY = ("perbatch_cutoff", "resp_cutoff_ratio", "loss_weight_type")
 # Block diffusion draws one timestep per block (diffusion/blocks.py): the per-example
 # estimators do not apply.
@@ -102,7 +109,7 @@ _ROWS = (
         sampler="sampling:generate_mdlm",
         summary="MDLM SFT of a BERT-family masked LM turned into a chat model",
         weight_option="mdlm_loss_weight_type",
-        inapplicable=(*_MDLM_ONLY, "block_size"),
+        inapplicable=(*_MDLM_ONLY, "block_size", *_DIFFUSION_GEMMA_OPTIONS),
     ),
     Method(
         name="llada",
@@ -111,7 +118,7 @@ _ROWS = (
         sampler="sampling:generate_mdlm",
         summary="MDLM SFT of LLaDA",
         weight_option="mdlm_loss_weight_type",
-        inapplicable=(*_MDLM_ONLY, "block_size"),
+        inapplicable=(*_MDLM_ONLY, "block_size", *_DIFFUSION_GEMMA_OPTIONS),
     ),
     Method(
         name="dream",
@@ -120,8 +127,34 @@ _ROWS = (
         sampler="sampling:generate_dream",
         summary="Dream SFT: right-shifted logits, CART weights, per-batch response cut-off",
         weight_option="loss_weight_type",
-        inapplicable=("mdlm_loss_weight_type", "block_size"),
+        inapplicable=("mdlm_loss_weight_type", "block_size", *_DIFFUSION_GEMMA_OPTIONS),
         padding_only=("perbatch_cutoff", "resp_cutoff_ratio"),
+    ),
+    Method(
+        name="diffusion_gemma",
+        families=("diffusion_gemma",),
+        trainer="diffusion_gemma_trainer:DiffusionGemmaTrainer",
+        sampler="sampling:generate_diffusion_gemma",
+        summary="block-diffusion SFT of DiffusionGemma: uniform-token noise on one answer "
+        "block, self-conditioning, encoder causal-LM loss",
+        weight_option=None,
+        # Masking schedules, loss weightings, the Dream cut-offs and the masked-diffusion
+        # estimators do not exist here; the loss is token-normalised; the prompt is never
+        # on the canvas (the encoder loss has its own scope option); its block is
+        # canvas_length. Its own recipe is its `mdlm` row: diffusion_type bd3lm is refused.
+        inapplicable=(
+            "noise_schedule",
+            "mdlm_loss_weight_type",
+            "loss_weight_type",
+            "loss_norm_type",
+            "perbatch_cutoff",
+            "resp_cutoff_ratio",
+            "mask_prompt_loss",
+            "block_size",
+            *_PER_EXAMPLE_NOISE,
+        ),
+        strict_options=True,
+        packs=False,
     ),
     Method(
         name="a2d",
@@ -130,7 +163,7 @@ _ROWS = (
         sampler="sampling:generate_mdlm",
         summary="a causal LM (Qwen2, Qwen3, Llama, Mistral) made bidirectional, then MDLM SFT",
         weight_option="mdlm_loss_weight_type",
-        inapplicable=(*_MDLM_ONLY, "block_size"),
+        inapplicable=(*_MDLM_ONLY, "block_size", *_DIFFUSION_GEMMA_OPTIONS),
         strict_options=True,
     ),
     # Block diffusion (BD3LM): new combinations, so options that mean nothing are errors.
@@ -143,7 +176,7 @@ _ROWS = (
         sampler="block_sampler:generate_bd3lm",
         summary="block-diffusion (BD3LM) SFT of a BERT-family masked LM",
         weight_option="mdlm_loss_weight_type",
-        inapplicable=(*_MDLM_ONLY, *_PER_EXAMPLE_NOISE),
+        inapplicable=(*_MDLM_ONLY, *_PER_EXAMPLE_NOISE, *_DIFFUSION_GEMMA_OPTIONS),
         strict_options=True,
         model_types=(("bert", _BD3LM_BERT_TYPES),),
     ),
@@ -156,7 +189,7 @@ _ROWS = (
         sampler="block_sampler:generate_bd3lm",
         summary="block-diffusion (BD3LM) SFT of LLaDA",
         weight_option="mdlm_loss_weight_type",
-        inapplicable=(*_MDLM_ONLY, *_PER_EXAMPLE_NOISE),
+        inapplicable=(*_MDLM_ONLY, *_PER_EXAMPLE_NOISE, *_DIFFUSION_GEMMA_OPTIONS),
         strict_options=True,
     ),
     Method(
@@ -168,7 +201,7 @@ _ROWS = (
         sampler="block_sampler:generate_bd3lm_shifted",
         summary="block-diffusion (BD3LM) SFT of Dream: right-shifted logits, block-wise CART",
         weight_option="loss_weight_type",
-        inapplicable=("mdlm_loss_weight_type", *_PER_EXAMPLE_NOISE),
+        inapplicable=("mdlm_loss_weight_type", *_PER_EXAMPLE_NOISE, *_DIFFUSION_GEMMA_OPTIONS),
         strict_options=True,
     ),
     Method(
@@ -180,7 +213,7 @@ _ROWS = (
         sampler="block_sampler:generate_bd3lm",
         summary="a causal LM made bidirectional, then block-diffusion (BD3LM) SFT",
         weight_option="mdlm_loss_weight_type",
-        inapplicable=(*_MDLM_ONLY, *_PER_EXAMPLE_NOISE),
+        inapplicable=(*_MDLM_ONLY, *_PER_EXAMPLE_NOISE, *_DIFFUSION_GEMMA_OPTIONS),
         strict_options=True,
     ),
 )

@@ -139,6 +139,8 @@ def save_merged(cfg: Any, prep: Any, adaptor: Path, host: Any, models_dir: Path 
     from .models.loading import from_pretrained
 
     base = from_pretrained(prep.model_path, prep.family, prep.ids, dtype=torch.float32)
+    # Merged as loaded: an adaptor the family shares between module trees (DiffusionGemma)
+    # wraps only one of them, so its delta enters the shared weight exactly once.
     merged = PeftModel.from_pretrained(base, str(adaptor)).merge_and_unload()
     dest = full_model_dir(cfg, models_dir, suffix="_merged")
     architecture = _architecture(merged)

@@ -203,7 +203,7 @@ def build_trainer(
         cfg, prep.method, has_eval=prep.eval is not None, inside_host=host.inside_host
     )
     trainer_cls = prep.method.trainer_class()
-    collator = trainer_cls.collator(prep.ids.pad_id, cfg)
+    collator = trainer_cls.collator(prep.ids, cfg, prep.model_config)
     eval_features = features_only(prep.eval) if prep.eval is not None else None
     previews = []
     if cfg.sample_every_eval and prep.preview_prompts:

@@ -1,6 +1,7 @@
-"""Samplers for masked-diffusion language models.
+"""Samplers for diffusion language models.
 
-Two families are covered, following their official releases:
+Two masked-diffusion families are covered, following their official releases (and
+DiffusionGemma through its own transformers `generate`, at the end of this module):
 
 * MDLM-style (BERT-family, LLaDA): no logit shift, semi-autoregressive blocks, per block an
   even split of its masks over its steps, committing the most confident predictions and
@@ -67,7 +68,7 @@ class SamplingConfig:
 
 
 def clean_generation(
-    tokens: Sequence[int], *, mask_id: int, stop_ids: Collection[int], pad_id: int | None
+    tokens: Sequence[int], *, mask_id: int | None, stop_ids: Collection[int], pad_id: int | None
 ) -> list[int]:
     """Cut at the first stop id and drop mask/pad tokens, so callers can decode directly."""
     stops = set(stop_ids)
@@ -379,3 +380,53 @@ def generate_dream(
 
 
 generate_dream.algorithms = DREAM_ALGORITHMS + tuple(_DREAM_ALIASES)
+
+
+# --------------------------------------------------------------------------- DiffusionGemma
+
+DIFFUSION_GEMMA_ALGORITHMS = ("entropy_bound",)
+
+
+@torch.no_grad()
+def generate_diffusion_gemma(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    mask_id: int | None,
+    stop_ids: Collection[int],
+    pad_id: int | None,
+    config: SamplingConfig,
+) -> list[list[int]]:
+    """DiffusionGemma's own generation (transformers' `generate`, peft models included).
+
+    Canvases of the model's canvas_length tokens start as uniformly random ids; per
+    canvas at most ``config.steps`` denoising steps (entropy-bound acceptance, the
+    model's temperature schedule, self-conditioning on the previous step, early stop
+    once stable); the argmax canvas is kept and the next one conditions on it.
+    ``block_size``, ``temperature`` and ``algorithm`` do not apply (the model's
+    generation config holds its sampler settings). The global RNG, which the model's
+    sampler draws from, is seeded from ``config.seed`` inside a forked RNG state.
+    """
+    if config.max_new_tokens == 0:
+        return [[] for _ in prompts]
+    device = _model_device(model)
+    outputs = []
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with eval_mode(model), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(config.seed)
+        for prompt in prompts:
+            sequences = model.generate(
+                input_ids=torch.tensor([list(prompt)], device=device),
+                max_new_tokens=config.max_new_tokens,
+                max_denoising_steps=config.steps,
+                eos_token_id=sorted(stop_ids),
+                pad_token_id=pad_id,
+                return_dict_in_generate=False,
+            )
+            raw = sequences[0, len(prompt) : len(prompt) + config.max_new_tokens].tolist()
+            outputs.append(clean_generation(raw, mask_id=mask_id, stop_ids=stop_ids, pad_id=pad_id))
+    return outputs
+
+
+# generate.py's default algorithm name is accepted and means the model's own sampler.
+generate_diffusion_gemma.algorithms = DIFFUSION_GEMMA_ALGORITHMS + ("low_confidence",)

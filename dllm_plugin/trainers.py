@@ -106,6 +106,94 @@ class DreamTrainingArguments(MDLMTrainingArguments):
     )
 
 
+class DiffusionTrainer(Trainer):
+    """What every diffusion method's Trainer shares: noise keyed by global row, the same
+    noise at every evaluation, loss-only prediction steps, and per-token metrics summed
+    over processes when they are logged (`metrics_from` names them)."""
+
+    # compute_loss scales for gradient accumulation and world size itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, held_out: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # evaluation/held_out.py: the held-out score (and accuracy) added to every evaluation
+        self.held_out = held_out
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._micro_step = (-1, 0)  # (global_step, micro-batches seen in it)
+        self._eval_batches = 0
+
+    def _first_row_key(self, training: bool) -> tuple[int, int, int]:
+        """(phase, step, index of this micro-batch's first row in the global batch).
+
+        Micro-batch `m` of an optimizer step on process `p` holds global rows
+        (m * world_size + p) * batch_size + i: the same rows whether they are spread over
+        processes or over accumulation steps.
+        """
+        if training:
+            step, seen = self._micro_step
+            seen = seen + 1 if step == self.state.global_step else 0
+            self._micro_step = (self.state.global_step, seen)
+            slot = seen * self.args.world_size + self.args.process_index
+            return TRAIN, self.state.global_step, slot * self.args.per_device_train_batch_size
+        slot = self._eval_batches * self.args.world_size + self.args.process_index
+        self._eval_batches += 1
+        return EVAL, 0, slot * self.args.per_device_eval_batch_size
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
+        return super().evaluate(*args, **kwargs)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's loop (eval_loss: one training-loss draw per row), plus the held-out
+        ELBO and, when asked, answer accuracy, in the same log entry."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.held_out is not None:
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            extra = self.held_out.measure(self)
+            output.metrics.update({f"{prefix}_{k}": v for k, v in extra.items()})
+        return output
+
+    # ---- metrics -----------------------------------------------------------------
+    def _record(self, training: bool, **sums: torch.Tensor) -> None:
+        bucket = self._metrics["train" if training else "eval"]
+        for name, value in sums.items():
+            bucket[name].append(float(value.sum()))
+
+    def metrics_from(self, totals: dict[str, float]) -> dict[str, float]:
+        """Logged metrics from the summed buckets (names without the eval_ prefix)."""
+        raise NotImplementedError
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the method's metrics (summed over processes since the last log) to the logs."""
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        bucket = self._metrics[mode]
+        if bucket:
+            names = sorted(bucket)
+            totals = torch.tensor([sum(bucket[n]) for n in names], device=self.args.device)
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            prefix = "eval_" if mode == "eval" else ""
+            metrics = self.metrics_from(dict(zip(names, totals.tolist(), strict=True)))
+            logs.update({f"{prefix}{k}": v for k, v in metrics.items()})
+            bucket.clear()
+        super().log(logs, start_time)
+
+
 @dataclass(frozen=True)
 class StepCounts:
     """Global counts of an optimizer step, over its micro-batches and all processes:
@@ -139,7 +227,7 @@ class ModelBatch:
         )
 
 
-class MDLMTrainer(Trainer):
+class MDLMTrainer(DiffusionTrainer):
     """Masked-diffusion SFT (MDLM/LLaDA recipe) as a Trainer.
 
     The loss: per example t ~ U[eps, 1); mask each maskable position with probability
@@ -150,22 +238,17 @@ class MDLMTrainer(Trainer):
 
     arguments_class = MDLMTrainingArguments
     shift_logits = False
-    # compute_loss scales for gradient accumulation and world size itself.
-    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
         *args: Any,
         mask_token_id: int,
         bos_token_id: int | None = None,
-        held_out: Any = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.mask_token_id = mask_token_id
         self.bos_token_id = bos_token_id
-        # evaluation/held_out.py: the held-out ELBO (and accuracy) added to every evaluation
-        self.held_out = held_out
         # Ask the Trainer for the global maskable-token count of each optimizer step.
         self.model_accepts_loss_kwargs = True
         self.schedule = get_schedule(self.args.noise_schedule)
@@ -182,19 +265,15 @@ class MDLMTrainer(Trainer):
         self.head_verdict = HeadVerdict(
             self.accelerator.unwrap_model, lambda: bool(self.is_fsdp_enabled)
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
-        self._micro_step = (-1, 0)  # (global_step, micro-batches seen in it)
-        self._eval_batches = 0
 
     @classmethod
-    def collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator | PackedCollator:
+    def collator(
+        cls, ids: TokenIds, cfg: Any, model_config: dict[str, Any]
+    ) -> MDLMCollator | PackedCollator:
         """The batch collator: packed rows when the job packs, else the method's padding."""
         if getattr(cfg, "packing", False):
-            return PackedCollator(pad_token_id=pad_token_id)
-        return cls.padded_collator(pad_token_id, cfg)
+            return PackedCollator(pad_token_id=ids.pad_id)
+        return cls.padded_collator(ids.pad_id, cfg)
 
     @classmethod
     def padded_collator(cls, pad_token_id: int, cfg: Any) -> MDLMCollator:
@@ -240,7 +319,8 @@ class MDLMTrainer(Trainer):
         dropout_seed = keys.dropout_seed(first_row) if training else None
         with seeded_rng(dropout_seed, batch.input_ids.device):
             loss, ce = self.score(model, batch, masked, scale)
-        self._add_metrics(training, ce, masked, batch.labels != IGNORE_INDEX)
+        maskable_tokens = batch.labels != IGNORE_INDEX
+        self._record(training, ce_sum=ce, masked_tokens=masked, maskable_tokens=maskable_tokens)
         return (loss, None) if return_outputs else loss
 
     def model_batch(self, inputs: dict[str, torch.Tensor]) -> ModelBatch:
@@ -321,23 +401,6 @@ class MDLMTrainer(Trainer):
         )
         slots = [ExampleSlot(first_row + row, seg, n) for row, seg, n in view.slots]
         return draw_noise(maskable, slots, keys, opts)
-
-    def _first_row_key(self, training: bool) -> tuple[int, int, int]:
-        """(phase, step, index of this micro-batch's first row in the global batch).
-
-        Micro-batch `m` of an optimizer step on process `p` holds global rows
-        (m * world_size + p) * batch_size + i: the same rows whether they are spread over
-        processes or over accumulation steps.
-        """
-        if training:
-            step, seen = self._micro_step
-            seen = seen + 1 if step == self.state.global_step else 0
-            self._micro_step = (self.state.global_step, seen)
-            slot = seen * self.args.world_size + self.args.process_index
-            return TRAIN, self.state.global_step, slot * self.args.per_device_train_batch_size
-        slot = self._eval_batches * self.args.world_size + self.args.process_index
-        self._eval_batches += 1
-        return EVAL, 0, slot * self.args.per_device_eval_batch_size
 
     def loss_scale(
         self,
@@ -428,19 +491,14 @@ class MDLMTrainer(Trainer):
         totals.index_add_(0, rows, (weights[rows, cols] * ce).double())
         return totals / maskable.sum(dim=1).clamp(min=1)
 
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        self._eval_batches = 0  # every evaluation sees the same noise: comparable eval losses
-        return super().evaluate(*args, **kwargs)
-
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's loop (eval_loss: one training-loss draw per row), plus the held-out
-        ELBO and, when asked, answer accuracy, in the same log entry."""
-        output = super().evaluation_loop(*args, **kwargs)
-        if self.held_out is not None:
-            prefix = kwargs.get("metric_key_prefix", "eval")
-            extra = self.held_out.measure(self)
-            output.metrics.update({f"{prefix}_{k}": v for k, v in extra.items()})
-        return output
+    def metrics_from(self, totals: dict[str, float]) -> dict[str, float]:
+        """NLL (unweighted CE per masked token), perplexity and mask ratio."""
+        nll = totals["ce_sum"] / max(totals["masked_tokens"], 1)
+        return {
+            "nll": round(nll, 4),
+            "ppl": round(math.exp(min(nll, 50.0)), 4),
+            "mask_ratio": round(totals["masked_tokens"] / max(totals["maskable_tokens"], 1), 4),
+        }
 
     # ---- evaluation hooks ----------------------------------------------------------
     # The held-out ELBO (evaluation/elbo.py) and the lm-eval model score a method through
@@ -512,51 +570,6 @@ class MDLMTrainer(Trainer):
         rows = masked.nonzero(as_tuple=True)[0]
         bound = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=ce.device)
         return bound.index_add_(0, rows.to(ce.device), weight[masked].to(ce.device) * ce)
-
-    # ---- metrics -----------------------------------------------------------------
-    def _add_metrics(
-        self, training: bool, ce: torch.Tensor, masked: torch.Tensor, maskable: torch.Tensor
-    ) -> None:
-        bucket = self._metrics["train" if training else "eval"]
-        bucket["ce_sum"].append(float(ce.sum()))
-        bucket["masked_tokens"].append(float(masked.sum()))
-        bucket["maskable_tokens"].append(float(maskable.sum()))
-
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor, None, None]:
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add NLL (unweighted CE per masked token), perplexity and mask ratio to the logs."""
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        bucket = self._metrics[mode]
-        if bucket["masked_tokens"]:
-            totals = torch.tensor(
-                [
-                    sum(bucket["ce_sum"]),
-                    sum(bucket["masked_tokens"]),
-                    sum(bucket["maskable_tokens"]),
-                ],
-                device=self.args.device,
-            )
-            if self.args.world_size > 1:
-                totals = self.accelerator.reduce(totals, reduction="sum")
-            ce_sum, n_masked, n_maskable = totals.tolist()
-            prefix = "eval_" if mode == "eval" else ""
-            nll = ce_sum / max(n_masked, 1)
-            logs[f"{prefix}nll"] = round(nll, 4)
-            logs[f"{prefix}ppl"] = round(math.exp(min(nll, 50.0)), 4)
-            logs[f"{prefix}mask_ratio"] = round(n_masked / max(n_maskable, 1), 4)
-            bucket.clear()
-        super().log(logs, start_time)
 
 
 class DreamTrainer(MDLMTrainer):
@@ -695,7 +708,7 @@ class BlockDiffusion:
         self, t: torch.Tensor, masked: torch.Tensor, present: torch.Tensor | None = None
     ) -> torch.Tensor:
         return loss_weights(
-            self.weight_kind, t, masked, self.schedule, self.geo_p, self.args.block_size
+            self.weight_kind, t, masked, self.schedule, self.geo_p, block_size=self.args.block_size
         )
 
 

@@ -70,7 +70,8 @@ def method_options(cfg: JobConfig, method: Method, arguments: type) -> dict[str,
     parameter: `mdlm_loss_weight_type` or `loss_weight_type`)."""
     own = set(arguments.__dataclass_fields__) - set(TrainingArguments.__dataclass_fields__)
     options = {name: cfg.params[name] for name in own if name in cfg.params}
-    options["loss_weight_type"] = cfg.params[method.weight_option]
+    if method.weight_option is not None:
+        options["loss_weight_type"] = cfg.params[method.weight_option]
     return options
 
 

@@ -155,6 +155,109 @@ def tiny_bert_mlm(vocab_size: int):
     return BertForMaskedLM(config)
 
 
+# ---- DiffusionGemma ------------------------------------------------------------------------
+DGEMMA_SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|turn>": 3, "<turn|>": 4}
+DGEMMA_VOCAB = 128
+
+
+def gemma_char_tokenizer():
+    """A character-level fast tokenizer with DiffusionGemma's special tokens at the ids of
+    its text config (pad 0, eos 1, bos 2) and Gemma 4's turn markers."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(DGEMMA_SPECIALS)
+    vocab["<unk>"] = len(vocab)
+    for ch in " \n" + string.ascii_letters + string.digits + string.punctuation:
+        vocab[ch] = len(vocab)
+    assert len(vocab) <= DGEMMA_VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(DGEMMA_SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+    )
+
+
+def tiny_diffusion_gemma_config(canvas_length: int = 8, sliding_window: int = 8, attn="sdpa"):
+    """A 2-layer DiffusionGemma (one sliding, one full-attention layer), 4 experts (top 2),
+    hidden 32, vocabulary 128, with a one-layer vision tower it never uses."""
+    from transformers import DiffusionGemmaConfig
+
+    text = dict(
+        vocab_size=DGEMMA_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        max_position_embeddings=512,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+        use_bidirectional_attention="vision",
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    vision = dict(
+        model_type="gemma4_vision",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        patch_size=16,
+        position_embedding_size=64,
+        pooling_kernel_size=1,
+    )
+    config = DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=vision,
+        canvas_length=canvas_length,
+        boi_token_id=120,
+        eoi_token_id=121,
+        image_token_id=122,
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_diffusion_gemma(seed: int = 0, **config_kwargs):
+    """A random tiny DiffusionGemmaForBlockDiffusion; router and norms randomised too, so
+    no weight is at a symmetric initial value a bug could hide behind."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(tiny_diffusion_gemma_config(**config_kwargs))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def tiny_diffusion_gemma_dir(folder: Path, seed: int = 0, **config_kwargs) -> Path:
+    """A saved tiny DiffusionGemma with the character tokenizer."""
+    tiny_diffusion_gemma(seed, **config_kwargs).save_pretrained(folder)
+    gemma_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def write_lm_eval_tasks(folder: Path, pairs=PAIRS) -> Path:
     """A local lm-eval task folder over jsonl files written here (absolute paths, offline):
     `pairs_gen` (generate_until, exact match) and `pairs_mc` (multiple choice between the

@@ -309,7 +309,7 @@ def test_trainer_bf16_runs_the_masked_head_and_matches_full_logits(
         )  # fmt: skip
         trainer = MDLMTrainer(
             model=model, args=args, train_dataset=_Rows(make_batch()),
-            data_collator=MDLMTrainer.collator(PAD, None), mask_token_id=MASK,
+            data_collator=MDLMTrainer.padded_collator(PAD, None), mask_token_id=MASK,
         )  # fmt: skip
         trainer.train()
         if masked_only:

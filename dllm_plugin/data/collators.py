@@ -1,10 +1,13 @@
-"""Batch collators for masked-diffusion SFT (MDLM / LLaDA / BERT and Dream).
+"""Batch collators for masked-diffusion SFT (MDLM / LLaDA / BERT and Dream) and block
+diffusion (DiffusionGemma).
 
 The SFT recipe pads on the RIGHT with the pad/EOS id and gives the padding real labels,
 so the model learns to end its answer with EOS; and it trains without an attention
 mask, so the padding collators return none (a mask would hide the padded EOS from the
 model). Packed rows (data/packing.py) go through `PackedCollator` instead: the model
 gets per-example positions and attention from their segment ids (models/packing.py).
+Block diffusion (DiffusionGemma) fills each answer with EOS to whole blocks instead
+(trained) and masks the batch padding out (not trained).
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from torch import Tensor
 from ..diffusion.loss import IGNORE_INDEX
 from ..rng import keyed_generator
 
-__all__ = ["FILLER_SEGMENT", "DreamCollator", "MDLMCollator", "PackedCollator"]
+__all__ = [
+    "FILLER_SEGMENT",
+    "CanvasCollator",
+    "DreamCollator",
+    "MDLMCollator",
+    "PackedCollator",
+]
 
 FILLER_SEGMENT = -1
 """Segment id of the positions after a packed row's last example (never scored)."""
@@ -232,3 +241,45 @@ class PackedCollator:
                 f"lengths {lens} do not match"
             )
         return ids, labels, lens
+
+
+@dataclass
+class CanvasCollator:
+    """Prompt + answer filled with EOS to whole blocks, right-padded, with an attention mask.
+
+    Blocks count from the answer's first token (where generation's first canvas starts).
+    The EOS fill is part of the answer (scored: the model learns to end inside a block);
+    the padding after it is not (attention_mask 0). Labels are not used: the answer is
+    everything after `prompt_len`. Output keys: input_ids, attention_mask [b, S];
+    prompt_len, response_len [b] (response_len: the filled answer, a multiple of
+    block_size; 0 for a row without answer tokens).
+    """
+
+    pad_token_id: int
+    eos_token_id: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+    def filled_length(self, response_len: int) -> int:
+        return -(-response_len // self.block_size) * self.block_size
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        rows = _to_rows(features)
+        filled = [self.filled_length(r.response_len) for r in rows]
+        lengths = [r.prompt_len + f for r, f in zip(rows, filled, strict=True)]
+        width = max(lengths)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            fill = [self.eos_token_id] * (n - len(row.input_ids))
+            input_ids[i, :n] = torch.tensor(row.input_ids + fill, dtype=torch.long)
+            attention_mask[i, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "prompt_len": torch.tensor([r.prompt_len for r in rows], dtype=torch.long),
+            "response_len": torch.tensor(filled, dtype=torch.long),
+        }

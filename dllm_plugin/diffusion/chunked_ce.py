@@ -1,9 +1,11 @@
 """The vocabulary head and cross-entropy on selected rows, chunk by chunk.
 
-Full-vocabulary logits are b*l*V values (V = 126k LLaDA, 152k Dream); only the masked
-positions are scored, so the head runs on those rows only and in chunks, and the
-gradients are computed during the forward chunk by chunk: neither [b*l, V] nor [n, V]
-logits ever exist.
+Full-vocabulary logits are b*l*V values (V = 126k LLaDA, 152k Dream, 262k
+DiffusionGemma); only the scored positions are scored, so the head runs on those rows
+only and in chunks, and the gradients are computed during the forward chunk by chunk:
+neither [b*l, V] nor [n, V] logits ever exist. Models that soft-cap their logits
+(cap * tanh(z / cap), Gemma) get the cap applied inside the chunk, its derivative
+included.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ def _logits_columns(h: Tensor, w_mm: Tensor, b_mm: Tensor | None, out: Tensor) -
         torch.addmm(b_mm[:, None], w_mm, h.T, out=out)
 
 
+def _softcap_columns(block: Tensor, cap: float, slope: Tensor | None) -> None:
+    """In place: z -> cap * tanh(z / cap); `slope` (when given) receives d(capped)/dz =
+    1 - tanh(z / cap)^2, which the gradient needs after `block` has been exponentiated."""
+    block.div_(cap).tanh_()
+    if slope is not None:
+        torch.mul(block, block, out=slope)
+        slope.neg_().add_(1.0)
+    block.mul_(cap)
+
+
 def _chunked_ce(
     hidden: Tensor,
     weight: Tensor,
@@ -72,13 +84,15 @@ def _chunked_ce(
     chunk_size: int,
     mm_dtype: torch.dtype,
     needs: tuple[bool, bool, bool],
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loop over row chunks: loss, per-token CE and (when needed) all gradients at once.
 
     One fp32 [V, chunk] buffer (transposed logits) is reused by every chunk and updated
     in place: logits -> exp(logits - max) -> minus sum * one-hot. The per-row factor
     w / sum goes onto the small [chunk, d] operands of the two gradient matmuls rather
-    than onto the big block. Weight and bias gradients accumulate in fp32.
+    than onto the big block. Weight and bias gradients accumulate in fp32. With
+    `softcap`, a second buffer of the same size holds the cap's slope for the gradient.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -92,11 +106,15 @@ def _chunked_ce(
     grad_w = new_grad_w(weight.shape, dtype=torch.float32, device=device) if needs[1] else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if needs[2] else None
     buffer = torch.empty(vocab * min(chunk_size, n), dtype=torch.float32, device=device)
+    slopes = torch.empty_like(buffer) if softcap is not None and any(needs) else None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h = hidden[start:end].to(mm_dtype)
         block = buffer[: vocab * (end - start)].view(vocab, end - start)
         _logits_columns(h, w_mm, b_mm, block)
+        slope = slopes[: block.numel()].view_as(block) if slopes is not None else None
+        if softcap is not None:
+            _softcap_columns(block, softcap, slope)
         tgt = targets[start:end]
         valid = tgt != IGNORE_INDEX
         safe_tgt = torch.where(valid, tgt, torch.zeros_like(tgt))
@@ -107,6 +125,8 @@ def _chunked_ce(
         # w * dCE/dlogits = (w / sum) * (E - sum * onehot), with E = exp(logits - max).
         coef = tw[start:end] * valid / col_sum
         block.scatter_add_(0, safe_tgt[None, :], -col_sum[None, :])
+        if slope is not None:
+            block.mul_(slope)
         if grad_b is not None:
             grad_b.addmv_(block, coef)
         g = block.to(mm_dtype)
@@ -135,10 +155,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, token_weights, chunk_size, mm_dtype, needs):
+    def forward(
+        ctx, hidden, weight, bias, targets, token_weights, chunk_size, mm_dtype, needs, softcap
+    ):
         with _autocast_off(hidden.device.type):
             total, ce, grad_h, grad_w, grad_b = _chunked_ce(
-                hidden, weight, bias, targets, token_weights, chunk_size, mm_dtype, needs
+                hidden, weight, bias, targets, token_weights, chunk_size, mm_dtype, needs, softcap
             )
         ctx.mark_non_differentiable(ce)
         ctx.grads = (grad_h, grad_w, grad_b)
@@ -157,7 +179,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 scaled.append(grad.mul_(grad_total.float()).to(dtype))
             else:
                 scaled.append((grad.to(torch.float32) * grad_total.float()).to(dtype))
-        return (*scaled, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None)
 
 
 def _check_ce_shapes(hidden, weight, bias, targets, token_weights, chunk_size) -> None:
@@ -185,14 +207,16 @@ def chunked_linear_cross_entropy(
     targets: Tensor,
     token_weights: Tensor,
     chunk_size: int = 2048,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Weighted CE of the LM head on selected positions without [n, V] logits.
 
     Returns (sum_i token_weights[i] * CE_i as a 0-dim fp32 tensor carrying gradients to
     hidden / weight / bias, detached fp32 per-token CE [n] for metrics). Targets equal
-    to -100 score 0. Under autocast the matmuls run in the autocast dtype and softmax in
-    fp32; returned gradients have each input's dtype. Gradient work is skipped for
-    inputs that do not require grad (a frozen LoRA head) and entirely under no_grad.
+    to -100 score 0. `softcap`: the logits are cap * tanh((W h + b) / cap), in fp32, as
+    Gemma's head computes them. Under autocast the matmuls run in the autocast dtype and
+    softmax in fp32; returned gradients have each input's dtype. Gradient work is skipped
+    for inputs that do not require grad (a frozen LoRA head) and entirely under no_grad.
     """
     _check_ce_shapes(hidden, weight, bias, targets, token_weights, chunk_size)
     mm_dtype = _matmul_dtype(hidden, weight)
@@ -202,12 +226,15 @@ def chunked_linear_cross_entropy(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
+    cap = float(softcap) if softcap is not None else None
     if not any(needs):
         with _autocast_off(hidden.device.type):
             total, ce, *_ = _chunked_ce(
-                hidden, weight, bias, targets, token_weights, int(chunk_size), mm_dtype, needs
+                hidden, weight, bias, targets, token_weights, int(chunk_size), mm_dtype, needs, cap
             )
         return total, ce
     return _ChunkedLinearCE.apply(
-        hidden, weight, bias, targets, token_weights, int(chunk_size), mm_dtype, needs
+        hidden, weight, bias, targets, token_weights, int(chunk_size), mm_dtype, needs, cap
     )

@@ -38,11 +38,26 @@ def parent_of(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str] | None
     return None
 
 
+class _HeadStandIn(nn.Module):
+    """Takes the head's place: returns its input, or (empty_output) a [..., 0] view of it
+    for models that post-process their logits (a soft-cap would distort the input)."""
+
+    def __init__(self, empty_output: bool):
+        super().__init__()
+        self.empty_output = empty_output
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[..., :0] if self.empty_output else hidden
+
+
 @contextlib.contextmanager
-def swapped_head(model: nn.Module, head: nn.Module) -> Iterator[list[torch.Tensor]]:
+def swapped_head(
+    model: nn.Module, head: nn.Module, empty_output: bool = False
+) -> Iterator[list[torch.Tensor]]:
     """Run the model with its vocabulary head replaced by a pass-through.
 
-    `.logits` are then the head's input. Yields the list of tensors the stand-in returned,
+    `.logits` are then the head's input (with `empty_output`: an empty tensor, and the
+    head's input is only in the yielded list). Yields the list of the stand-in's inputs,
     so callers can check that the head ran exactly once and that its output came back
     untouched. The forward still goes through `model` (DDP/peft wrappers included), so
     gradient synchronisation hooks see it; the head is applied afterwards to masked rows.
@@ -52,8 +67,8 @@ def swapped_head(model: nn.Module, head: nn.Module) -> Iterator[list[torch.Tenso
         raise RuntimeError("the output head is not a submodule of the model")
     parent, name = found
     seen: list[torch.Tensor] = []
-    stand_in = nn.Identity()
-    stand_in.register_forward_hook(lambda _module, _args, out: seen.append(out))
+    stand_in = _HeadStandIn(empty_output)
+    stand_in.register_forward_hook(lambda _module, args, _out: seen.append(args[0]))
     setattr(parent, name, stand_in)
     try:
         yield seen
@@ -114,12 +129,20 @@ class HeadVerdict:
     is held whole here (FSDP and ZeRO-3 keep empty local shards; a 4-bit or LoRA head is
     another type), and DDP must not look for unused parameters. Behaviour: the probe
     (the head is the model's last operation and runs once: no logit scaling or
-    soft-capping, no sparse prediction). Decided once per (model, head).
+    soft-capping, no sparse prediction). Decided once per (model, head). `probe=False`
+    is for methods that know their model's head and apply its post-processing (a
+    soft-cap) themselves: only the structure is checked.
     """
 
-    def __init__(self, unwrap: Callable[[nn.Module], nn.Module], sharded: Callable[[], bool]):
+    def __init__(
+        self,
+        unwrap: Callable[[nn.Module], nn.Module],
+        sharded: Callable[[], bool],
+        probe: bool = True,
+    ):
         self._unwrap = unwrap
         self._sharded = sharded
+        self._probe = probe
         self._decided: tuple[nn.Module, nn.Module, str | None] | None = None
         self._fallback_logged = False
 
@@ -162,7 +185,7 @@ class HeadVerdict:
             return "DDP find_unused_parameters=True"
         if parent_of(unwrapped, head) is None:
             return "it is not a submodule of the model"
-        return _probe(unwrapped, head, ids)
+        return _probe(unwrapped, head, ids) if self._probe else None
 
 
 def score_masked(
@@ -201,8 +224,13 @@ def score_masked(
             "score_masked_only: the model's output is not its head's input although the "
             "first check passed; set score_masked_only to false"
         )
-    budget_rows = max(_BLOCK_VALUES // head.out_features, head.in_features // 8)
-    chunk = max(1, min(chunk_rows, budget_rows))
     return chunked_linear_cross_entropy(
-        hidden[rows, src_cols], head.weight, head.bias, targets, token_scale, chunk
-    )
+        hidden[rows, src_cols], head.weight, head.bias, targets, token_scale,
+        head_chunk_rows(head, chunk_rows),
+    )  # fmt: skip
+
+
+def head_chunk_rows(head: nn.Linear, requested: int) -> int:
+    """Rows per chunk of the chunked CE: at most `requested`, within the block budget."""
+    budget_rows = max(_BLOCK_VALUES // head.out_features, head.in_features // 8)
+    return max(1, min(requested, budget_rows))

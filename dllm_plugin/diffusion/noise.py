@@ -193,3 +193,60 @@ def draw_noise(
         copies = 2
     device = maskable.device
     return NoiseDraw(t.to(device), masked.to(device), ratio.to(device), copies)
+
+
+@dataclass(frozen=True)
+class CanvasNoise:
+    """The draws of block diffusion with uniform-token corruption (DiffusionGemma), per row.
+
+    t [b]: the row's corruption probability; block [b]: the response block that is
+    scored; self_condition [b] (bool): whether pass 1's prediction feeds pass 2;
+    corrupt [b, block_size] (bool) and tokens [b, block_size]: which positions of the
+    scored block are replaced, and by which uniformly drawn vocabulary ids.
+    """
+
+    t: Tensor
+    block: Tensor
+    self_condition: Tensor
+    corrupt: Tensor
+    tokens: Tensor
+
+
+def draw_canvas_noise(
+    num_blocks: Tensor,
+    block_size: int,
+    vocab_size: int,
+    eps: float,
+    self_condition_prob: float,
+    seed: int,
+    phase: int,
+    step: int,
+    first_row: int,
+) -> CanvasNoise:
+    """DiffusionGemma's canvas noise for rows `first_row`, `first_row + 1`, ... of a global batch.
+
+    Per row, from its keyed generator and always in this order and amount (so a row's
+    draws never depend on the other rows, the padding width or its own length beyond
+    its number of blocks): t ~ U[eps, 1); u -> block floor(u * num_blocks); the
+    self-conditioning coin (u < prob); block_size uniforms (corrupted where u < t);
+    block_size replacement ids ~ U{0..vocab_size-1}. A row without blocks gets block 0.
+    """
+    keys = NoiseKeys(seed, phase, step)
+    blocks, coins, times, corrupt, tokens = [], [], [], [], []
+    for row, n in enumerate(num_blocks.tolist()):
+        gen = keys.example(first_row + row)
+        t = sample_timesteps(1, eps, torch.device("cpu"), gen)
+        u_block, u_coin = torch.rand(2, generator=gen).tolist()
+        times.append(t)
+        blocks.append(min(int(u_block * n), max(int(n) - 1, 0)))
+        coins.append(u_coin < self_condition_prob)
+        corrupt.append(torch.rand(block_size, generator=gen) < t)
+        tokens.append(torch.randint(0, vocab_size, (block_size,), generator=gen))
+    device = num_blocks.device
+    return CanvasNoise(
+        t=torch.cat(times).to(device),
+        block=torch.tensor(blocks, dtype=torch.long, device=device),
+        self_condition=torch.tensor(coins, dtype=torch.bool, device=device),
+        corrupt=torch.stack(corrupt).to(device),
+        tokens=torch.stack(tokens).to(device),
+    )

@@ -52,6 +52,13 @@ class BoundScorer(Protocol):
     ) -> torch.Tensor: ...
 
 
+def has_bound(scorer: Any) -> bool:
+    """Whether a method's Trainer class scores a masked-diffusion NLL bound. DiffusionGemma's
+    (uniform-token corruption, self-conditioning, an encoder loss) does not: there is no
+    masked-diffusion ELBO of it to estimate."""
+    return callable(getattr(scorer, "nll_bound", None))
+
+
 @dataclass(frozen=True)
 class Row:
     """A sequence and its scored positions (labels -100 elsewhere)."""

@@ -1,9 +1,10 @@
 """What a training job measures on its held-out split, and when.
 
-The held-out ELBO (elbo.py) at every evaluation, before training and at the end; answer
+The held-out ELBO (elbo.py; none for DiffusionGemma, see `bounded`) at every evaluation,
+before training and at the end; answer
 accuracy (accuracy.py) before training, at the end, and at every evaluation when
 `sample_every_eval` is on. The Trainer adds `measure`'s numbers to its own eval metrics
-(MDLMTrainer.evaluation_loop), so they reach the log, TensorBoard, the host's metrics and
+(DiffusionTrainer.evaluation_loop), so they reach the log, TensorBoard, the host's metrics and
 run_summary.json like eval_loss does.
 """
 
@@ -18,7 +19,7 @@ from ..methods import Method
 from ..models.families import TokenIds
 from ..preview import PreviewPrompt, pick_prompts
 from .accuracy import Accuracy, answer_accuracy, describe_sampler
-from .elbo import ElboEstimate, Row, heldout_elbo, rows_of
+from .elbo import ElboEstimate, Row, has_bound, heldout_elbo, rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class HeldOutEvaluation:
     seconds: dict[str, float] = field(default_factory=dict)  # time spent, for the summary
     latest: Accuracy | None = None  # the last accuracy measurement, with its answers
     _sampler_logged: bool = False
+    _bound_skip_logged: bool = False
 
     @classmethod
     def for_job(cls, cfg: Any, prep: Any) -> HeldOutEvaluation | None:
@@ -62,6 +64,23 @@ class HeldOutEvaluation:
         )
 
     # ---- the two measurements ------------------------------------------------------
+    @property
+    def bounded(self) -> bool:
+        """Whether the method has an ELBO to estimate; without one (DiffusionGemma) the
+        held-out score is eval_loss, the recipe's loss under the same keyed draws at every
+        evaluation (said once per job)."""
+        if not has_bound(self.method.trainer_class()):
+            if not self._bound_skip_logged:
+                logger.info(
+                    "held-out NLL bound: skipped, %s has no masked-diffusion ELBO; its held-out "
+                    "score is eval_loss (the training loss under the same noise at every "
+                    "evaluation)",
+                    self.method.title,
+                )
+                self._bound_skip_logged = True
+            return False
+        return True
+
     def elbo(self, model: Any, verdict: Any = None) -> ElboEstimate:
         started = time.perf_counter()
         estimate = heldout_elbo(
@@ -100,9 +119,10 @@ class HeldOutEvaluation:
         """
         import torch
 
-        with torch.no_grad(), trainer.compute_loss_context_manager():
-            estimate = self.elbo(trainer.model, trainer.head_verdict)
-        values = estimate.metrics()
+        values: dict[str, float] = {}
+        if self.bounded:
+            with torch.no_grad(), trainer.compute_loss_context_manager():
+                values.update(self.elbo(trainer.model, trainer.head_verdict).metrics())
         if accuracy is None:
             accuracy = self.final or self.accuracy_every_eval
         if accuracy:
@@ -142,7 +162,7 @@ class HeldOutEvaluation:
             "before_training": before,
             "after_training": after or None,
             "rows": len(self.rows),
-            "mc_samples": self.mc_samples,
+            "mc_samples": self.mc_samples if self.bounded else None,
             "generate_samples": len(self.prompts),
             "answers": [
                 {"prompt": p.messages[-1]["content"], "reference": p.reference, "generated": a}

@@ -37,10 +37,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..diffusion.loss import IGNORE_INDEX
 from ..diffusion.masked_head import HeadVerdict
+from ..errors import ModelError
 from ..methods import Method
 from ..models.families import TokenIds
 from ..sampling import SamplingConfig
-from .elbo import Row, estimate_rows
+from .elbo import Row, estimate_rows, has_bound
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,11 @@ class DiffusionLM(LM):
         return Row(input_ids, labels)
 
     def _bounds(self, rows: list[Row]) -> list[Any]:
+        if not has_bound(self.loaded.method.trainer_class()):
+            raise ModelError(
+                f"loglikelihood: {self.loaded.method.title} has no masked-diffusion ELBO to "
+                "score answers with; evaluate it on generate_until tasks"
+            )
         return estimate_rows(
             self.loaded.model,
             self.loaded.method.trainer_class(),

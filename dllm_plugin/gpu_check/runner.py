@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from ..config import defaults
-from ..methods import METHODS
+from ..methods import method_row
 from ..models.loading import LoadOptions, load_model
 from ..training_args import method_options
 from .measure import make_meter, step_flops, tensor_bytes
@@ -190,7 +190,7 @@ def build_trainer(
     run: RunPlan, model: Any, rows: list[dict], device: torch.device, plan: Plan, out: str
 ) -> Any:
     """The method's Trainer, arguments as a job would set them for this mode."""
-    method = METHODS[run.workload.method]
+    method = method_row(run.workload.method)
     trainer_cls = method.trainer_class()
     params = defaults()
     job = SimpleNamespace(params=params, **params)
@@ -225,7 +225,7 @@ def build_trainer(
         model=model,
         args=args,
         train_dataset=rows,
-        data_collator=trainer_cls.collator(ids.pad, job),
+        data_collator=trainer_cls.padded_collator(ids.pad, job),
         mask_token_id=ids.mask,
         bos_token_id=ids.bos,
     )

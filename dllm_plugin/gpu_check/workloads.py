@@ -150,6 +150,10 @@ def dream_config(shape: Shape, vocab: int, ids: SpecialIds) -> Any:
 
 
 # ---- the registry ------------------------------------------------------------------------
+# DiffusionGemma has no row yet: its experts are 3-D weights (the body FLOPs and the memory
+# model count every parameter as active and plan dense `Shape`s), its rows are filled to
+# whole canvases (activations are not linear in `length`), and its collator needs EOS and
+# the canvas size, which `SpecialIds` and the padded collator here do not carry.
 # Sizes: "tiny"/"tiny-2" (CPU test mode: vocabulary 512), "small" and "1b" (about 1B
 # parameters with the real vocabulary). The MLP keeps the released model's ratio to the
 # hidden size (LLaDA 3, Dream 5.3, BERT 4), so activations per layer scale as they do there.

@@ -6,8 +6,11 @@ lives here, so the rest of the code asks "which family" once and never again.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,10 +59,22 @@ CHATML_TEMPLATE = (
 )
 
 
+# Gemma 4's turn format (DiffusionGemma's released template, without its thinking and
+# tool branches), for DiffusionGemma tokenizers that ship no template.
+DIFFUSION_GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}<turn|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
-    mask_tokens: tuple[str, ...]
+    mask_tokens: tuple[str, ...]  # empty: the family has no mask token (uniform noise)
     eos_tokens: tuple[str, ...] = ()
     bos_tokens: tuple[str, ...] = ()
     eot_tokens: tuple[str, ...] = ()
@@ -68,6 +83,23 @@ class FamilySpec:
     lora_targets: tuple[str, ...] = ()
     # Module-name prefixes that belong to the output head: never LoRA targets.
     head_prefixes: tuple[str, ...] = field(default=())
+    # The transformers class (an attribute of the transformers package) that loads it.
+    model_class: str = "AutoModelForMaskedLM"
+    # True: padding is trained as end-of-answer, so the collator pads with EOS. False: the
+    # collator pads with the tokenizer's pad id and masks padding out of attention.
+    trains_padding: bool = True
+    # A regex the full name of every LoRA target must match (None: any Linear outside the
+    # head), for models whose Linears are not all text-stack projections.
+    lora_scope: str | None = None
+    # Module-name patterns bitsandbytes must not quantise (None: the head prefixes).
+    quantization_skip: tuple[str, ...] | None = None
+    # peft's prepare_model_for_kbit_training casts every bf16/fp16 weight to fp32; False
+    # for models whose unquantisable weights (MoE experts) would double in memory.
+    kbit_upcast: bool = True
+    # "module" (relative to this package) with the family's hooks: check_environment()
+    # before loading, prepare_base(model) after loading, share_adaptors(model) after peft
+    # wraps it (a new or a reloaded adaptor).
+    hooks: str | None = None
     # The mask token added when the tokenizer has none (a2d); None: a missing one is an error.
     added_mask_token: str | None = None
     # "module:function" that loads the family's model (models/loading.py); "" = the Auto class.
@@ -126,6 +158,32 @@ FAMILIES: dict[str, FamilySpec] = {
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         head_prefixes=("lm_head",),
     ),
+    "diffusion_gemma": FamilySpec(
+        name="diffusion_gemma",
+        mask_tokens=(),
+        eos_tokens=("<eos>",),
+        bos_tokens=("<bos>",),
+        eot_tokens=("<turn|>",),
+        chat_template=DIFFUSION_GEMMA_CHAT_TEMPLATE,
+        keep_own_template=True,
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        head_prefixes=("lm_head",),
+        model_class="DiffusionGemmaForBlockDiffusion",
+        trains_padding=False,
+        # The text stack's attention and dense-MLP projections, named once (the decoder's
+        # are the same weights; the router, experts, vision tower and self-conditioning
+        # MLP are not targets).
+        lora_scope=r"model\.encoder\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+",
+        quantization_skip=(
+            "lm_head",
+            r".*\.router",
+            r".*vision_tower",
+            r".*embed_vision",
+            r".*self_conditioning",
+        ),
+        kbit_upcast=False,
+        hooks="diffusion_gemma",
+    ),
     # Causal LMs made bidirectional (models/a2d.py); their own chat template when they have one.
     "a2d": FamilySpec(
         name="a2d",
@@ -141,6 +199,24 @@ FAMILIES: dict[str, FamilySpec] = {
         loader="a2d:load_pretrained",
     ),
 }
+
+
+def family_model_class(family: str) -> Any:
+    """The transformers class that loads this family's checkpoints."""
+    import transformers
+
+    from . import register_native_models  # noqa: F401  (native and a2d classes)
+
+    return getattr(transformers, FAMILIES[family].model_class)
+
+
+def family_hook(family: str, name: str) -> Callable[..., None]:
+    """The family's hook `name` (see FamilySpec.hooks), or a no-op when it has none."""
+    module = FAMILIES[family].hooks
+    hook = (
+        getattr(importlib.import_module(f"{__package__}.{module}"), name, None) if module else None
+    )
+    return hook if hook is not None else (lambda *_args: None)
 
 
 def read_model_config(model_path: str) -> dict[str, Any]:
@@ -171,10 +247,13 @@ def read_model_config(model_path: str) -> dict[str, Any]:
 
 
 def detect_family(config: dict[str, Any]) -> str:
-    """bert, llada, dream or a2d from `model_type`, then `architectures`; unknown ones are an
-    error naming what the config says (a causal LM a2d does not convert, by name)."""
+    """bert, llada, dream, diffusion_gemma or a2d from `model_type`, then `architectures`;
+    unknown ones are an error naming what the config says (a causal LM a2d does not
+    convert, by name)."""
     model_type = str(config.get("model_type", "")).lower()
     archs = [str(a) for a in config.get("architectures") or []]
+    if model_type == "diffusion_gemma" or "DiffusionGemmaForBlockDiffusion" in archs:
+        return "diffusion_gemma"
     if model_type == "llada" or any(a.lower().startswith("llada") for a in archs):
         return "llada"
     if model_type == "dream" or any(a.lower().startswith("dream") for a in archs):
@@ -191,6 +270,7 @@ def detect_family(config: dict[str, Any]) -> str:
     raise ModelError(
         f"unsupported model: model_type {config.get('model_type')!r}, architectures {archs}; "
         "supported: BERT-family masked LMs (bert, roberta, modernbert, distilbert), LLaDA, Dream, "
+        "DiffusionGemma, "
         f"and causal LMs a2d converts ({', '.join(SOURCE_MODEL_TYPES)})"
     )
 
@@ -203,9 +283,15 @@ _POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 def position_limit(config: dict[str, Any], family: str) -> int | None:
     """The longest token sequence the model can take, or None when its config sets none.
 
-    Dream reserves one position for the BOS its trainer may prepend.
+    Dream reserves one position for the BOS its trainer may prepend. DiffusionGemma keeps
+    its limit in `text_config`.
     """
-    limit = config.get("max_position_embeddings") or config.get("max_sequence_length")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    limit = (
+        config.get("max_position_embeddings")
+        or config.get("max_sequence_length")
+        or text.get("max_position_embeddings")
+    )
     if not isinstance(limit, int) or limit <= 0:
         return None
     limit -= _POSITION_OFFSET.get(str(config.get("model_type", "")).lower(), 0)
@@ -214,9 +300,10 @@ def position_limit(config: dict[str, Any], family: str) -> int | None:
 
 @dataclass
 class TokenIds:
-    """The special ids the collators, trainers and samplers need."""
+    """The special ids the collators, trainers and samplers need (mask_id None: the
+    family has no mask token)."""
 
-    mask_id: int
+    mask_id: int | None
     eos_id: int
     pad_id: int
     bos_id: int | None
@@ -233,7 +320,8 @@ def prepare_tokenizer(tokenizer: Any, family: str, model_config: dict[str, Any])
     """Register mask/eos/pad/bos, install the chat template, pad on the right."""
     spec = FAMILIES[family]
     tokenizer.padding_side = "right"
-    _set_mask_token(tokenizer, spec, model_config)
+    if spec.mask_tokens:
+        _set_mask_token(tokenizer, spec, model_config)
     if family == "bert":
         if tokenizer.sep_token is None or tokenizer.cls_token is None:
             raise ModelError(
@@ -250,7 +338,7 @@ def prepare_tokenizer(tokenizer: Any, family: str, model_config: dict[str, Any])
                 f"the {family} tokenizer has no end-of-text token (tried {', '.join(spec.eos_tokens)})"
             )
     # Padding is trained as end-of-answer: pad with EOS (LLaDA and Dream share the id anyway).
-    if family != "bert" or tokenizer.pad_token is None:
+    if (family != "bert" and spec.trains_padding) or tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not (spec.keep_own_template and tokenizer.chat_template):
         tokenizer.chat_template = spec.chat_template
@@ -259,9 +347,9 @@ def prepare_tokenizer(tokenizer: Any, family: str, model_config: dict[str, Any])
     if family == "bert":
         stop.add(tokenizer.sep_token_id)
     return TokenIds(
-        mask_id=tokenizer.mask_token_id,
+        mask_id=tokenizer.mask_token_id if spec.mask_tokens else None,
         eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.eos_token_id if spec.trains_padding else tokenizer.pad_token_id,
         bos_id=tokenizer.bos_token_id,
         stop_ids=tuple(sorted(stop)),
         tokenizer_size=len(tokenizer),
@@ -326,12 +414,14 @@ def resolve_lora_targets(
 
     spec = FAMILIES[family]
     heads = head_module_names(model) | set(exclude)
+    scope = re.compile(spec.lora_scope) if spec.lora_scope else None
     linears = {
         name: name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
         and name not in heads
         and not _under_head(name, spec, heads)
+        and (scope is None or scope.fullmatch(name))
     }
     available = sorted(set(linears.values()))
     if requested.strip() in ("", "auto"):

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from .families import FAMILIES, TokenIds, head_module_names, resolve_lora_targets
+from .families import (
+    FAMILIES,
+    TokenIds,
+    family_hook,
+    family_model_class,
+    head_module_names,
+    resolve_lora_targets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +75,12 @@ class LoadedModel:
 
 def from_pretrained(model_path: str, family: str, ids: TokenIds | None, **kwargs: Any) -> Any:
     """The family's model from a checkpoint: its own loader (a2d converts a causal LM and
-    gives the mask token its rows) or AutoModelForMaskedLM; never remote code."""
-    from transformers import AutoModelForMaskedLM
-
-    from . import register_native_models  # noqa: F401  (native and a2d classes)
-
+    gives the mask token its rows) or its transformers class; never remote code."""
     loader = FAMILIES[family].loader
     if not loader:
-        return AutoModelForMaskedLM.from_pretrained(model_path, trust_remote_code=False, **kwargs)
+        return family_model_class(family).from_pretrained(
+            model_path, trust_remote_code=False, **kwargs
+        )
     module, _, name = loader.partition(":")
     load = getattr(importlib.import_module(f"{__package__}.{module}"), name)
     mask_id = ids.mask_id if ids is not None else None
@@ -88,6 +93,7 @@ def load_model(
     """The model ready for the Trainer (peft-wrapped when lora)."""
     from transformers import set_seed
 
+    family_hook(family, "check_environment")()
     kwargs: dict[str, Any] = {}
     if opts.lora or opts.load_in_4bit:
         kwargs["dtype"] = DTYPES[opts.dtype]
@@ -103,12 +109,19 @@ def load_model(
     fresh = fresh_modules(model, info.get("missing_keys", []))
     if fresh:
         logger.info("newly initialised (not in the checkpoint): %s", ", ".join(fresh))
-    if opts.load_in_4bit:
+    family_hook(family, "prepare_base")(model)
+    if opts.load_in_4bit and FAMILIES[family].kbit_upcast:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=opts.gradient_checkpointing
         )
+    elif opts.load_in_4bit:  # frozen base in its dtype; only the adaptors train
+        model.requires_grad_(False)
+        if opts.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     elif opts.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets: list[str] = []
@@ -166,7 +179,9 @@ def wrap_lora(
         len(targets),
         ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets})),
     )
-    return get_peft_model(model, config), targets
+    model = get_peft_model(model, config)
+    family_hook(family, "share_adaptors")(model)
+    return model, targets
 
 
 def _bnb_config(family: str, opts: LoadOptions) -> Any:
@@ -179,7 +194,8 @@ def _bnb_config(family: str, opts: LoadOptions) -> Any:
     check_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
-    skip = FAMILIES[family].head_prefixes
+    spec = FAMILIES[family]
+    skip = spec.quantization_skip if spec.quantization_skip is not None else spec.head_prefixes
     compute = DTYPES[opts.dtype] if torch.cuda.is_available() else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
