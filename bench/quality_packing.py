@@ -67,7 +67,7 @@ def train(
         num_train_epochs=epochs,
         logging_steps=1,
         eval_steps=0.05,
-        save_steps=1.0,
+        save_steps=1_000_000,  # no checkpoints: the final model is what is measured
         output_dir=str(folder / "out"),
         adaptor_name=name,
         **overrides,
