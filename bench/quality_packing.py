@@ -67,13 +67,23 @@ def train(
         num_train_epochs=epochs,
         logging_steps=1,
         eval_steps=0.05,
-        save_steps=1.0,
+        save_steps=1_000_000,  # no checkpoints: the final model is what is measured
         output_dir=str(folder / "out"),
         adaptor_name=name,
         **overrides,
     )
     folder.mkdir(parents=True, exist_ok=True)
     job = folder / "job.json"
+    done = folder / "out" / "run_summary.json"
+    if job.is_file() and json.loads(job.read_text()) == {"config": config} and done.is_file():
+        summary = json.loads(done.read_text())
+        if summary.get("status") == "complete":  # the same job already trained: reuse it
+            print(f"reusing {name} ({done})", flush=True)
+            return summary
+    if (folder / "out").exists():
+        import shutil
+
+        shutil.rmtree(folder / "out")  # a stale or different run: start afresh
     job.write_text(json.dumps({"config": config}))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
     env["OMP_NUM_THREADS"] = str(threads)

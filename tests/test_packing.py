@@ -164,8 +164,10 @@ def test_positions_restart_at_every_example():
         [0, 1, 2, 0, 1, 0, 0, 1],
         [0, 1, 2, 3, 4, 5, 6, 0],
     ]
-    for family, offset in (("bert", 0), ("llada", 0), ("roberta", 2)):  # RoBERTa: pad id 1 + 1
+    offsets = {"roberta": 2}  # RoBERTa numbers positions from its pad id (1) + 1
+    for family in FAMILIES:
         config = tiny(family).config
+        offset = offsets.get(family, 0)
         positions = packed_inputs_for(config)(config, segments)["position_ids"]
         assert positions.tolist() == (segment_positions(segments) + offset).tolist()
 
@@ -192,12 +194,16 @@ def make_trainer(family, model, tmp_path, **kw):
     return cls(model=model, args=args, mask_token_id=MASK, bos_token_id=BOS)
 
 
-def reference_loss(model, rows, label_rows, shift: bool, phase: int = 0) -> float:
+def reference_loss(
+    model, rows, label_rows, shift: bool, phase: int = 0, norm: str = "token"
+) -> float:
     """Brute force: each example alone, its noise from its own key (seed, train, step 0,
     row, segment): t = eps + (1 - eps) u, then one uniform per token of the example only
     (the packed draw covers the batch's widest example: a longer stream, same prefix);
-    weight 1/t; CE of every masked token; divided by the batch's maskable tokens."""
-    total, maskable = 0.0, 0
+    weight 1/t; CE of every masked token; divided by the batch's maskable tokens (token),
+    each example by its own maskable tokens and the number of examples (sequence), or
+    by the number of examples (batch): examples, never packed rows."""
+    sums, counts = [], []
     for r, (row, labels_row) in enumerate(zip(rows, label_rows, strict=True)):
         for j, (ids, labels) in enumerate(zip(row, labels_row, strict=True)):
             g = keyed_generator(SEED, phase, 0, r, j)
@@ -206,27 +212,38 @@ def reference_loss(model, rows, label_rows, shift: bool, phase: int = 0) -> floa
             masked = [u[i].item() < t and labels[i] != -100 for i in range(len(ids))]
             noised = [MASK if m else tok for m, tok in zip(masked, ids, strict=True)]
             logits = alone_logits(model, noised).double()
+            total = 0.0
             for i, m in enumerate(masked):
                 if m:
                     src = i - 1 if shift else i
                     total += (1 / t) * -torch.log_softmax(logits[src], -1)[ids[i]].item()
-            maskable += sum(lab != -100 for lab in labels)
-    return total / maskable
+            sums.append(total)
+            counts.append(sum(lab != -100 for lab in labels))
+    if norm == "token":
+        return sum(sums) / sum(counts)
+    if norm == "sequence":
+        return sum(s / max(n, 1) for s, n in zip(sums, counts, strict=True)) / len(sums)
+    return sum(sums) / len(sums)
 
 
-@pytest.mark.parametrize("masked_only", [True, False])
+@pytest.mark.parametrize(
+    ("masked_only", "norm"),
+    [(True, "token"), (False, "token"), (True, "sequence"), (True, "batch")],
+)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_loss_equals_the_examples_alone(family, masked_only, tmp_path):
+def test_packed_loss_equals_the_examples_alone(family, masked_only, norm, tmp_path):
     model = tiny(family)
     ex = examples((6, 9, 4, 8, 5))
     rows = [ex[:3], ex[3:]]
     # a prompt (-100) at the start of every example: Dream's shift needs no BOS
     label_rows = [[[-100, -100] + e[2:] for e in row] for row in rows]
-    trainer = make_trainer(family, model, tmp_path, score_masked_only=masked_only)
+    trainer = make_trainer(
+        family, model, tmp_path, score_masked_only=masked_only, loss_norm_type=norm
+    )
     model.train()
     loss = trainer.compute_loss(model, packed_batch(rows, label_rows)).item()
     model.eval()
-    expected = reference_loss(model, rows, label_rows, shift=family == "dream")
+    expected = reference_loss(model, rows, label_rows, shift=family == "dream", norm=norm)
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
@@ -403,3 +420,52 @@ def test_native_packed_attention_runs_for_the_variable_length_kernel():
     assert cu_seqlens.dtype == torch.int32 and longest == 6
     same = segments[:, :, None] == segments[:, None, :]
     assert torch.equal(mask.keys[:, 0], same)
+
+
+# ---- the run's data: packing changes the layout, not the examples --------------------------
+@pytest.mark.parametrize("truncation", ["right", "filter"])
+def test_packed_rows_hold_the_unpacked_examples(tmp_path, tiny_bert_dir, truncation):
+    """Prompt masking and truncation behave as without packing: the job's packed rows hold
+    exactly the examples the unpacked job trains on (same ids, same -100 prompt labels,
+    the same ones truncated or dropped), each followed only by trained EOS."""
+    import json
+
+    from dllm_plugin.config import build_job_config
+    from dllm_plugin.hosts import Host
+    from dllm_plugin.run import prepare
+
+    data = tmp_path / "rows.jsonl"
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Count to {n}.", "completion": " ".join(words[:n] * (1 + n // 4))}
+            )
+            + "\n"
+            for n in range(1, 11)
+        )
+    )
+    base = {"model_name": str(tiny_bert_dir), "dataset_name": str(data), "max_length": 24,
+            "training_method": "bert", "truncation": truncation, "mask_prompt_loss": True,
+            "eval_split_ratio": 0, "num_preview_samples": 0, "num_proc": 1}  # fmt: skip
+    unpacked = prepare(build_job_config(base), Host())
+    packed = prepare(build_job_config({**base, "packing": True}), Host())
+    eos = unpacked.ids.eos_id
+    want = sorted((r["input_ids"], r["labels"]) for r in unpacked.train)
+    assert any(len(ids) == 24 for ids, _ in want) == (truncation == "right")
+    found = []
+    for row in packed.train:
+        start = 0
+        for n in row["seq_lens"]:
+            ids, labels = row["input_ids"][start : start + n], row["labels"][start : start + n]
+            start += n
+            k = len(ids)
+            while k and ids[k - 1] == eos and labels[k - 1] == eos and k > 1:
+                k -= 1  # strip the trained trailing EOS (the example's own ends earlier)
+            found.append((ids, labels, k))
+    assert len(found) == len(want)
+    matched = sorted(
+        next((ids[:m], labels[:m]) for m in range(k, len(ids) + 1) if (ids[:m], labels[:m]) in want)
+        for ids, labels, k in found
+    )
+    assert matched == want
