@@ -35,12 +35,12 @@ from .sampling import (
     MDLM_ALGORITHMS,
     SamplingConfig,
     _commit_top,
-    _eval_mode,
     _even_split,
     _gumbel_argmax,
     _make_generator,
     _model_device,
     clean_generation,
+    eval_mode,
 )
 
 
@@ -162,7 +162,7 @@ def _generate(
     device = _model_device(model)
     generator = _make_generator(device, config.seed)
     outputs = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for prompt in prompts:
             runner = _BlockModel(model, mask_id, config.block_size, reuse)
             raw = _generate_one(

@@ -695,8 +695,9 @@ class BlockDiffusion:
         self, t: torch.Tensor, masked: torch.Tensor, present: torch.Tensor | None = None
     ) -> torch.Tensor:
         return loss_weights(
-            self.weight_kind, t, masked, self.schedule, self.geo_p, self.args.block_size
-        )
+            self.weight_kind, t, masked, self.schedule, self.geo_p,
+            block_size=self.args.block_size,
+        )  # fmt: skip
 
 
 class BD3LMTrainer(BlockDiffusion, MDLMTrainer):
