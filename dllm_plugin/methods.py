@@ -55,6 +55,20 @@ class Method:
     def sampler_function(self) -> Any:
         return _load(self.sampler)
 
+    def bound_scorer(self, block_size: int | None = None) -> Any:
+        """What evaluation scores its NLL bound with (evaluation/elbo.py): the Trainer
+        class's evaluation hooks; for block diffusion, with the block size the model was
+        trained with (the job's, or the saved model's recipe)."""
+        trainer = self.trainer_class()
+        if self.diffusion_type != BD3LM:
+            return trainer
+        if not block_size:
+            raise ModelError(
+                f"{self.title}: the block size the model was trained with is unknown "
+                "(no diffusion_recipe.json beside it)"
+            )
+        return trainer.with_block_size(block_size)
+
     @property
     def key(self) -> tuple[str, str]:
         return self.name, self.diffusion_type

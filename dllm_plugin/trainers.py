@@ -25,8 +25,9 @@ from .data.collators import DreamCollator, MDLMCollator, PackedCollator
 from .diffusion.blocks import (
     attention_mask_for,
     bd3lm_keep_mask,
-    bd3lm_position_ids,
     draw_block_noise,
+    fill_to_blocks,
+    layout_inputs,
     source_columns,
 )
 from .diffusion.layout import ExampleView, count_examples
@@ -461,36 +462,6 @@ class MDLMTrainer(DiffusionTrainer):
             local = self.accelerator.gather(local[None]).sum(dim=0)
         return StepCounts(tokens=local[0], examples=local[1])
 
-    @torch.no_grad()
-    def example_losses(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        key: tuple[int, int, int] = (EVAL, 0, 0),
-    ) -> torch.Tensor:
-        """Each row's loss [b]: the weighted CE over its masked positions divided by its
-        maskable count, for the noise drawn under `key` (phase, step, first row's global
-        index), so every call with the same key scores the same draws.
-
-        The per-example form of this method's loss for evaluation (held-out ELBO): with
-        `loss_norm_type` sequence, compute_loss is their mean under the training key.
-        """
-        input_ids, labels = self.model_inputs(input_ids, labels)
-        maskable = labels != IGNORE_INDEX
-        view = ExampleView.padded(input_ids.shape[0], input_ids.shape[1], input_ids.device)
-        phase, step, first_row = key
-        draw = self.draw_noise(
-            maskable, view, NoiseKeys(self.args.seed, phase, step), first_row, False
-        )
-        masked = draw.masked
-        weights = self.position_weights(draw.t, masked)
-        _, ce = self.score(model, ModelBatch(input_ids, labels, None, view), masked, weights)
-        rows, cols = masked.nonzero(as_tuple=True)
-        totals = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=ce.device)
-        totals.index_add_(0, rows, (weights[rows, cols] * ce).double())
-        return totals / maskable.sum(dim=1).clamp(min=1)
-
     def metrics_from(self, totals: dict[str, float]) -> dict[str, float]:
         """NLL (unweighted CE per masked token), perplexity and mask ratio."""
         nll = totals["ce_sum"] / max(totals["masked_tokens"], 1)
@@ -567,9 +538,7 @@ class MDLMTrainer(DiffusionTrainer):
             model, head, noised, input_ids, masked, weight,
             lambda cols: cols - 1 if shift else cols, chunk_rows,
         )  # fmt: skip
-        rows = masked.nonzero(as_tuple=True)[0]
-        bound = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=ce.device)
-        return bound.index_add_(0, rows.to(ce.device), weight[masked].to(ce.device) * ce)
+        return row_sums(masked, weight, ce)
 
 
 class DreamTrainer(MDLMTrainer):
@@ -606,6 +575,14 @@ class DreamTrainer(MDLMTrainer):
         bos = torch.full_like(input_ids[:, :1], bos_id)
         ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
         return torch.cat([bos, input_ids], dim=1), torch.cat([ignore, labels], dim=1)
+
+
+def row_sums(masked: torch.Tensor, weight: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """Per row [b]: the sum of weight * CE over its masked positions (`ce` in the order of
+    masked.nonzero())."""
+    rows = masked.nonzero(as_tuple=True)[0]
+    bound = torch.zeros(masked.shape[0], dtype=torch.float32, device=ce.device)
+    return bound.index_add_(0, rows.to(ce.device), weight[masked].to(ce.device) * ce)
 
 
 # ---- block diffusion (BD3LM) ---------------------------------------------------------
@@ -688,18 +665,13 @@ class BlockDiffusion:
         [2L, 2L] mask is 67 MB at L = 4096, four times that as an additive float mask).
         """
         clean = batch.input_ids
-        rows, length = clean.shape
-        key = (length, clean.device)
+        key = (clean.shape[1], clean.device)
         cached = getattr(self, "_block_mask", None)
         if cached is None or cached[0] != key:
-            keep = bd3lm_keep_mask(length, self.args.block_size, clean.device)
             unwrapped = self.accelerator.unwrap_model(model)
-            self._block_mask = (key, attention_mask_for(unwrapped, keep))
-        positions = bd3lm_position_ids(length, clean.device).expand(rows, -1)
-        return torch.cat([noised, clean], dim=1), {
-            "attention_mask": self._block_mask[1],
-            "position_ids": positions,
-        }
+            mask = block_attention(unwrapped, key[0], self.args.block_size, clean.device)
+            self._block_mask = (key, mask)
+        return layout_inputs(noised, clean, self._block_mask[1])
 
     def source_columns(self, cols: torch.Tensor, length: int) -> torch.Tensor:
         return source_columns(cols, length, self.args.block_size, self.shift_logits)
@@ -708,8 +680,128 @@ class BlockDiffusion:
         self, t: torch.Tensor, masked: torch.Tensor, present: torch.Tensor | None = None
     ) -> torch.Tensor:
         return loss_weights(
-            self.weight_kind, t, masked, self.schedule, self.geo_p, block_size=self.args.block_size
+            self.weight_kind, t, masked, self.schedule, self.geo_p,
+            block_size=self.args.block_size,
+        )  # fmt: skip
+
+    # ---- evaluation hooks (class methods, as MDLMTrainer's) ----------------------------
+    # The bound of block diffusion is a sum over blocks of the MDLM bound of each block
+    # given the clean blocks before it; it needs the block size the model was trained
+    # with, which a class does not hold: evaluation scores through `with_block_size`.
+
+    @classmethod
+    def with_block_size(cls, block_size: int) -> BlockBound:
+        """The evaluation hooks with the trained block size (evaluation/elbo.py's scorer)."""
+        return BlockBound(cls, block_size)
+
+    @classmethod
+    def model_view(
+        cls, input_ids: torch.Tensor, labels: torch.Tensor, bos_id: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As training collates: nothing prepended (the block grid starts at the first
+        token); a right-shifted model never scores column 0."""
+        if cls.shift_logits and not bool((labels[:, 0] == IGNORE_INDEX).all()):
+            labels = labels.clone()
+            labels[:, 0] = IGNORE_INDEX
+        return input_ids, labels
+
+    @classmethod
+    def elbo_noise(
+        cls,
+        scored: torch.Tensor,
+        u: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        block_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked, weight) [b, l]: MDLM's count form (MDLMTrainer.elbo_noise) in every
+        block, each at its own noise level.
+
+        The k-th of a row's K blocks with scored tokens takes the level (u + k / K) mod 1:
+        uniform whenever u is, so each block's term stays unbiased, while one draw spreads
+        its blocks over the levels and the stratification of u carries over to every block.
+        """
+        size = _trained_block_size(block_size)
+        masked = torch.zeros_like(scored, dtype=torch.bool)
+        weight = torch.zeros(scored.shape, dtype=torch.float32, device=scored.device)
+        for row, generator in enumerate(generators):
+            starts = range(0, scored.shape[1], size)
+            blocks = [
+                start + scored[row, start : start + size].nonzero().squeeze(1) for start in starts
+            ]
+            blocks = [positions for positions in blocks if positions.numel()]
+            for k, positions in enumerate(blocks):
+                level = (float(u[row]) + k / len(blocks)) % 1.0
+                n = int(positions.numel())
+                count = min(n, 1 + int(level * n))
+                order = torch.randperm(n, generator=generator)[:count].to(scored.device)
+                masked[row, positions[order]] = True
+                weight[row, positions[order]] = n / count
+        return masked, weight
+
+    @classmethod
+    def nll_bound(
+        cls,
+        model: nn.Module,
+        head: nn.Linear | None,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        u: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        ids: TokenIds,
+        chunk_rows: int = 2048,
+        block_size: int | None = None,
+    ) -> torch.Tensor:
+        """Per row [b]: one unbiased draw of the block-diffusion negative ELBO of its scored
+        tokens (nats), scored in the training layout ([noised ; clean], block mask).
+
+        Rows are filled to whole blocks with the mask id, unscored (blocks.fill_to_blocks).
+        """
+        size = _trained_block_size(block_size)
+        input_ids, labels = fill_to_blocks(input_ids, labels, size, ids.mask_id)
+        masked, weight = cls.elbo_noise(labels != IGNORE_INDEX, u, generators, size)
+        noised = cls.corrupt(input_ids, masked, ids.mask_id)
+        length = input_ids.shape[1]
+        mask = block_attention(getattr(model, "module", model), length, size, input_ids.device)
+        inputs, forward = layout_inputs(noised, input_ids, mask)
+        shift = cls.shift_logits
+        _, ce = score_masked(
+            model, head, inputs, input_ids, masked, weight,
+            lambda cols: source_columns(cols, length, size, shift), chunk_rows, **forward,
+        )  # fmt: skip
+        return row_sums(masked, weight, ce)
+
+
+@dataclass(frozen=True)
+class BlockBound:
+    """A block-diffusion Trainer class's evaluation hooks with the block size the model
+    was trained with: what evaluation/elbo.py scores with (its BoundScorer)."""
+
+    trainer: type[BlockDiffusion]
+    block_size: int
+
+    def model_view(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, bos_id: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.trainer.model_view(input_ids, labels, bos_id)
+
+    def nll_bound(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.trainer.nll_bound(*args, **kwargs, block_size=self.block_size)
+
+
+def block_attention(
+    model: nn.Module, length: int, block_size: int, device: torch.device
+) -> torch.Tensor:
+    """The 2L layout's block mask for rows of `length`, as `model` takes a 4-D mask."""
+    return attention_mask_for(model, bd3lm_keep_mask(length, block_size, device))
+
+
+def _trained_block_size(block_size: int | None) -> int:
+    if not block_size or block_size < 1:
+        raise ValueError(
+            "block diffusion is scored with the block size it was trained with: pass "
+            "block_size (Method.bound_scorer)"
         )
+    return block_size
 
 
 class BD3LMTrainer(BlockDiffusion, MDLMTrainer):

@@ -4,6 +4,7 @@ the block sampler with and without key/value reuse, and a trained model's answer
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -256,28 +257,107 @@ def test_dream_loss_shifted_across_blocks_equals_brute_force(tmp_path, weighting
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("block", [None, 4])
-def test_example_losses_are_the_per_row_terms_of_the_loss(tmp_path, block):
-    """What evaluation scores per example is what training averages (sequence norm)."""
-    from dllm_plugin.trainers import MDLMTrainer, MDLMTrainingArguments
+# ---- the evaluation bound (class methods: evaluation/elbo.py, lm-eval) ----------------------
+def bound_draws(n: int, seed: int) -> tuple[torch.Tensor, list, list]:
+    """(u, generators, an identical second set of generators) for n draws."""
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return u, *[[torch.Generator().manual_seed(seed + i) for i in range(n)] for _ in range(2)]
 
-    model = tiny_bert()
-    batch = MDLMCollator(pad_token_id=62, block_size=block)(features(64, 5))
-    if block is None:
-        args = MDLMTrainingArguments(
-            output_dir=str(tmp_path), report_to=[], use_cpu=True, seed=5, loss_norm_type="sequence"
+
+def brute_force_bound(model, ids, masked, weight, mask_id, block, shift):
+    """Per row: each block scored by a forward of [clean earlier blocks ; noised block]
+    under the block-causal mask; sum of weight * CE over the masked positions."""
+    noised = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    totals = []
+    for r in range(ids.shape[0]):
+        total = 0.0
+        for lo in range(0, ids.shape[1], block):
+            hi = lo + block
+            seq = torch.cat([ids[r, :lo], noised[r, lo:hi]])[None]
+            keep = torch.tensor([[j // block <= i // block for j in range(hi)] for i in range(hi)])
+            with torch.no_grad():
+                logits = model(
+                    input_ids=seq,
+                    attention_mask=keep[None, None],
+                    position_ids=torch.arange(hi)[None],
+                ).logits[0]
+            for i in range(lo, hi):
+                if masked[r, i]:
+                    source = logits[i - 1 if shift else i].double()
+                    total += weight[r, i].item() * -torch.log_softmax(source, -1)[ids[r, i]].item()
+        totals.append(total)
+    return torch.tensor(totals, dtype=torch.float64)
+
+
+BOUND_MODELS = {
+    # name: (build, trainer, mask id)
+    "bert": (tiny_bert, BD3LMTrainer, 63),
+    "llada": (lambda: MODELS["llada"][0](), BD3LMTrainer, 250),
+    "dream": (
+        lambda: AutoModelForMaskedLM.from_pretrained(shared_fixture("tiny-dream")),
+        DreamBD3LMTrainer,
+        254,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BOUND_MODELS))
+def test_block_bound_equals_brute_force(name):
+    """The held-out bound of block diffusion: per block, MDLM's count form at its own
+    level, scored in the training layout; rows are filled to whole blocks with masks."""
+    from dllm_plugin.models.families import TokenIds
+
+    build, trainer, mask_id = BOUND_MODELS[name]
+    model = build().eval()
+    ids = torch.randint(0, 40, (3, 10), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :3] = -100  # a prompt of 3; answers of 7 end mid-block
+    view_ids, view_labels = trainer.model_view(ids, labels, None)
+    u, generators, same = bound_draws(3, 11)
+    token_ids = TokenIds(mask_id=mask_id, eos_id=1, pad_id=0, bos_id=None, stop_ids=(1,))
+    scorer = trainer.with_block_size(4)
+    with torch.no_grad():
+        bound = scorer.nll_bound(model, None, view_ids, view_labels, u, generators, token_ids)
+    filled = torch.cat([view_ids, torch.full((3, 2), mask_id)], 1)
+    scored = torch.cat([view_labels, torch.full((3, 2), -100)], 1) != -100
+    masked, weight = trainer.elbo_noise(scored, u, same, block_size=4)
+    for r in range(3):  # MDLM's count form in every block: weights sum to its scored tokens
+        for lo in range(0, 12, 4):
+            n = int(scored[r, lo : lo + 4].sum())
+            assert weight[r, lo : lo + 4].sum().item() == pytest.approx(n)
+            assert masked[r, lo : lo + 4].sum() >= min(n, 1)
+    expected = brute_force_bound(
+        model, filled, masked, weight, mask_id, 4, shift=trainer.shift_logits
+    )
+    torch.testing.assert_close(bound.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_bound_with_one_block_is_the_mdlm_bound():
+    from dllm_plugin.models.families import TokenIds
+    from dllm_plugin.trainers import MDLMTrainer
+
+    model = tiny_bert().eval()
+    ids = torch.randint(0, 60, (4, 8), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    u, generators, same = bound_draws(4, 2)
+    token_ids = TokenIds(mask_id=63, eos_id=62, pad_id=62, bos_id=None, stop_ids=(62,))
+    with torch.no_grad():
+        block = BD3LMTrainer.with_block_size(8).nll_bound(
+            model, None, ids, labels, u, generators, token_ids
         )
-        trainer = MDLMTrainer(model=model, args=args, mask_token_id=63)
-    else:
-        trainer = make_trainer(
-            BD3LMTrainer, tmp_path, model, 63, block_size=block, loss_norm_type="sequence"
-        )
-    loss = trainer.compute_loss(model.train(), batch)
-    per_row = trainer.example_losses(model, batch["input_ids"], batch["labels"], key=(0, 0, 0))
-    assert per_row.shape == (3,) and bool((per_row > 0).all())
-    assert per_row.mean().item() == pytest.approx(loss.item(), rel=1e-6)
-    again = trainer.example_losses(model, batch["input_ids"], batch["labels"], key=(0, 0, 0))
-    assert torch.equal(again, per_row)
+        mdlm = MDLMTrainer.nll_bound(model, None, ids, labels, u, same, token_ids)
+    torch.testing.assert_close(block, mdlm, rtol=1e-5, atol=1e-6)
+
+
+def test_block_bound_needs_the_trained_block_size():
+    from dllm_plugin.errors import ModelError
+    from dllm_plugin.methods import method_row
+
+    with pytest.raises(ModelError, match="block size the model was trained with is unknown"):
+        method_row("llada", "bd3lm").bound_scorer(None)
+    assert method_row("llada", "bd3lm").bound_scorer(8).block_size == 8
+    assert method_row("llada").bound_scorer(8) is method_row("llada").trainer_class()
 
 
 def test_eager_attention_takes_an_additive_mask(tmp_path):
@@ -416,21 +496,35 @@ def test_sampler_sees_a_block_exactly_as_training_does(fixture, shift, mask_id):
 # ---- training end to end ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_dream(tmp_path_factory):
-    """Dream (right-shifted) trained with bd3lm, blocks of 4, on four prompt/answer pairs."""
-    return run_pairs_job(
-        tmp_path_factory.mktemp("bd3lm"),
-        "tiny-dream",
-        diffusion_type="bd3lm",
-        block_size=4,
-        perbatch_cutoff=False,
-        train_steps=120,
-        max_length=80,
-        logging_steps=50,
-        save_steps=1.0,
-        eval_split_ratio=0.0,
-        num_preview_samples=4,
-        preview_max_new_tokens=8,
-    )
+    """Dream (right-shifted) trained with bd3lm, blocks of 4, on four prompt/answer pairs
+    (PAIRS x 3, PAIRS held out); the block sampler's calls recorded (block sizes)."""
+    from dllm_plugin import block_sampler
+
+    original = block_sampler.generate_bd3lm_shifted
+    block_sizes: list[int] = []
+
+    def recorded(model, prompts, **kwargs):
+        block_sizes.append(kwargs["config"].block_size)
+        return original(model, prompts, **kwargs)
+
+    recorded.algorithms = original.algorithms
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(block_sampler, "generate_bd3lm_shifted", recorded)
+        summary = run_pairs_job(
+            tmp_path_factory.mktemp("bd3lm"),
+            "tiny-dream",
+            held_out=True,
+            diffusion_type="bd3lm",
+            block_size=4,
+            perbatch_cutoff=False,
+            train_steps=120,
+            max_length=80,
+            logging_steps=50,
+            save_steps=1.0,
+            num_preview_samples=4,
+            preview_max_new_tokens=8,
+        )
+    return {**summary, "block_sizes": block_sizes}
 
 
 def test_trained_model_generates_the_trained_answers(trained_dream):
@@ -438,6 +532,21 @@ def test_trained_model_generates_the_trained_answers(trained_dream):
     assert trained_dream["diffusion_type"] == "bd3lm"
     assert [s["generated"] for s in samples] == [answer for _, answer in PAIRS]
     assert all(s["before_training"] != s["reference"] for s in samples)
+
+
+def test_held_out_bound_falls_and_accuracy_uses_the_block_sampler(trained_dream):
+    """The held-out ELBO is the block-diffusion bound (finite, falls with training); the
+    answers of answer accuracy come from the block sampler with the trained block size."""
+    held_out = trained_dream["held_out"]
+    before, after = held_out["before_training"], held_out["after_training"]
+    assert math.isfinite(before["nll_bound"]) and math.isfinite(after["nll_bound"])
+    assert 0 < after["nll_bound"] < before["nll_bound"] / 2
+    assert after["nll_bound_se"] >= 0
+    assert before["exact_match"] < 1.0 and after["exact_match"] == 1.0
+    assert [a["generated"] for a in held_out["answers"]] == [answer for _, answer in PAIRS]
+    # previews (4 before, 4 after) and accuracy (4 before, 4 after): all block by block
+    assert len(trained_dream["block_sizes"]) >= 16
+    assert set(trained_dream["block_sizes"]) == {4}
 
 
 def test_generate_command_samples_with_the_trained_block_size(trained_dream, capsys):
@@ -449,6 +558,65 @@ def test_generate_command_samples_with_the_trained_block_size(trained_dream, cap
     assert capsys.readouterr().out.strip() == "blue"
     assert generate.main([*argv, "--block-size", "8"]) == 1
     assert "trained with block diffusion in blocks of 4" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_a2d(tmp_path_factory):
+    """A tiny Qwen2 turned bidirectional by a2d, trained with bd3lm in blocks of 4 (too
+    small to learn PAIRS' answers exactly in this many steps: its bound falls)."""
+    return run_pairs_job(
+        tmp_path_factory.mktemp("a2d-bd3lm"),
+        "qwen2",
+        held_out=True,
+        training_method="a2d",
+        diffusion_type="bd3lm",
+        block_size=4,
+        train_steps=60,
+        learning_rate=1e-2,
+        logging_steps=30,
+        eval_generate_samples=2,
+        preview_max_new_tokens=8,
+    )
+
+
+def test_a2d_model_trained_with_blocks_evaluates_through_lm_eval(trained_a2d, monkeypatch):
+    """lm-eval's model class loads the saved a2d model with its recipe (bd3lm, blocks of
+    4): log-likelihoods from the block bound, deterministic; generation block by block."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (setup.sh --dev)")
+    from lm_eval.api.instance import Instance
+
+    from dllm_plugin import block_sampler
+    from dllm_plugin.evaluation.lm_eval_model import DiffusionLM
+
+    held_out = trained_a2d["held_out"]
+    assert held_out["after_training"]["nll_bound"] < held_out["before_training"]["nll_bound"]
+    lm = DiffusionLM(
+        pretrained=trained_a2d["output_path"], device="cpu", mc_samples=4, mc_batch=16, seed=3
+    )
+    assert lm.loaded.block_size == 4 and lm.loaded.model.config.model_type == "a2d-qwen2"
+    assert lm.loaded.model.config.is_causal is False
+
+    def request(kind, *args):
+        return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+    prompts = [lm.apply_chat_template([{"role": "user", "content": p}]) for p, _ in PAIRS]
+    pairs = [(p, a) for p, (_, a) in zip(prompts, PAIRS, strict=True)]
+    first = lm.loglikelihood([request("loglikelihood", *p) for p in pairs])
+    reverse = lm.loglikelihood([request("loglikelihood", *p) for p in reversed(pairs)])
+    assert first == list(reversed(reverse))
+    assert all(math.isfinite(ll) and ll < 0 and not greedy for ll, greedy in first)
+    (rolling,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", "hello there")])
+    assert math.isfinite(rolling) and rolling < 0
+    block_sizes = []
+    original = block_sampler.generate_bd3lm
+
+    def recorded(model, prompts, **kwargs):
+        block_sizes.append(kwargs["config"].block_size)
+        return original(model, prompts, **kwargs)
+
+    monkeypatch.setattr(block_sampler, "generate_bd3lm", recorded)
+    (text,) = lm.generate_until([request("generate_until", prompts[1], {"max_gen_toks": 6})])
+    assert isinstance(text, str) and block_sizes == [4]
 
 
 # ---- configuration ------------------------------------------------------------------------

@@ -214,6 +214,19 @@ def test_packed_loss_does_not_depend_on_process_count(
     )
 
 
+def test_a2d_block_diffusion_loss_does_not_depend_on_process_count(tmp_path, data_file):
+    """An a2d model (a tiny Qwen2 made bidirectional) trained with bd3lm on 2 processes:
+    the block noise is keyed by the global row too."""
+    from helpers import causal_lm_dir
+
+    model = causal_lm_dir("qwen2", tmp_path / "qwen2")
+    params = dict(training_method="a2d", diffusion_type="bd3lm", block_size=8, max_length=256)
+    folder = tmp_path / "two"
+    proc = run_main(write_job(folder, model, data_file, **params))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert_same_losses_on_one_process(folder / "out", tmp_path, model, data_file, **params)
+
+
 def test_child_failure_fails_the_parent_with_the_childs_reason(
     tmp_path, tiny_bert_session, data_file
 ):

@@ -56,6 +56,33 @@ def bd3lm_position_ids(length: int, device=None) -> Tensor:
     return torch.arange(length, device=device).repeat(2)
 
 
+def layout_inputs(
+    noised: Tensor, clean: Tensor, attention_mask: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """What the model reads in the 2L layout: [noised ; clean], and its forward kwargs (the
+    block mask as the model takes it, attention_mask_for; both copies at 0..L-1)."""
+    rows, length = clean.shape
+    positions = bd3lm_position_ids(length, clean.device).expand(rows, -1)
+    inputs = torch.cat([noised, clean], dim=1)
+    return inputs, {"attention_mask": attention_mask, "position_ids": positions}
+
+
+def fill_to_blocks(
+    input_ids: Tensor, labels: Tensor, block_size: int, fill_id: int
+) -> tuple[Tensor, Tensor]:
+    """Rows [b, L] extended to whole blocks with `fill_id`, unscored (label -100).
+
+    Evaluation fills with the mask id: positions after the scored text that the model
+    never sees revealed, so the bound is the text's own (the sampler's view of a block
+    whose end is not written yet), not that of the text followed by a chosen filler.
+    """
+    fill = -input_ids.shape[1] % block_size
+    if not fill:
+        return input_ids, labels
+    pad = input_ids.new_full((input_ids.shape[0], fill), fill_id)
+    return torch.cat([input_ids, pad], 1), torch.cat([labels, torch.full_like(pad, -100)], 1)
+
+
 def source_columns(cols: Tensor, length: int, block_size: int, shift: bool) -> Tensor:
     """Output columns (in the 2L layout) that score the noised copy's columns `cols`.
 

@@ -85,16 +85,20 @@ def answer_accuracy(
     method: Method,
     prompts: Sequence[PreviewPrompt],
     max_new_tokens: int,
+    block_size: int | None = None,
 ) -> Accuracy:
-    """Generate an answer to each prompt with the method's sampler and score it."""
-    config = sampling_config(max_new_tokens)
+    """Generate an answer to each prompt with the method's sampler and score it
+    (`block_size`: block diffusion's trained block size)."""
+    config = sampling_config(max_new_tokens, block_size=block_size)
     answers = [answer(model, tokenizer, ids, method, p.messages, config) for p in prompts]
     return score_answers(answers, [p.reference for p in prompts])
 
 
-def describe_sampler(method: Method, n: int, max_new_tokens: int) -> str:
+def describe_sampler(
+    method: Method, n: int, max_new_tokens: int, block_size: int | None = None
+) -> str:
     """The settings the accuracy answers are generated with (logged once per job)."""
-    config = sampling_config(max_new_tokens)
+    config = sampling_config(max_new_tokens, block_size=block_size)
     return (
         f"answer accuracy on {n} held-out examples: {method.sampler.split(':')[1]}, "
         f"{config.algorithm}, greedy, {config.max_new_tokens} new tokens, {config.steps} steps, "

@@ -36,6 +36,8 @@ class HeldOutEvaluation:
     batch_size: int
     max_new_tokens: int
     accuracy_every_eval: bool
+    # Block diffusion: the trained block size (its bound and its sampler need it); else None.
+    block_size: int | None = None
     # Set for the last evaluation: accuracy is measured at the end of training in any case.
     final: bool = False
     seconds: dict[str, float] = field(default_factory=dict)  # time spent, for the summary
@@ -61,6 +63,7 @@ class HeldOutEvaluation:
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.preview_max_new_tokens,
             accuracy_every_eval=cfg.sample_every_eval,
+            block_size=prep.method.sampling_block_size(cfg.block_size),
         )
 
     # ---- the two measurements ------------------------------------------------------
@@ -85,7 +88,7 @@ class HeldOutEvaluation:
         started = time.perf_counter()
         estimate = heldout_elbo(
             model,
-            self.method.trainer_class(),
+            self.method.bound_scorer(self.block_size),
             self.rows,
             self.ids,
             mc_samples=self.mc_samples,
@@ -100,12 +103,16 @@ class HeldOutEvaluation:
         if not self.prompts:
             return None
         if not self._sampler_logged:
-            logger.info("%s", describe_sampler(self.method, len(self.prompts), self.max_new_tokens))
+            described = describe_sampler(
+                self.method, len(self.prompts), self.max_new_tokens, self.block_size
+            )
+            logger.info("%s", described)
             self._sampler_logged = True
         started = time.perf_counter()
         self.latest = answer_accuracy(
-            model, self.tokenizer, self.ids, self.method, self.prompts, self.max_new_tokens
-        )
+            model, self.tokenizer, self.ids, self.method, self.prompts, self.max_new_tokens,
+            self.block_size,
+        )  # fmt: skip
         self._add_time("accuracy", started)
         return self.latest
 

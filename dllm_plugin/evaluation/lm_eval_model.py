@@ -14,6 +14,9 @@ any family, and answers lm-eval's three request types with our own code:
   (default `max_new_tokens`), one token per step unless `steps` is given, cut at the first
   stop string of `until`.
 
+A model trained with block diffusion (its diffusion_recipe.json says bd3lm) is scored with
+the block-diffusion bound and sampled block by block, both with its trained block size.
+
 A sequence is the tokenizer's own special-token wrapping around context + continuation
 (BERT: [CLS] ... [SEP]); a context that already starts with it (a rendered chat template)
 is not wrapped twice.
@@ -58,6 +61,7 @@ class Loaded:
     ids: TokenIds
     method: Method
     name: str = ""
+    block_size: int | None = None  # block diffusion: the block size it was trained with
 
 
 @register_model(MODEL_TYPE)
@@ -74,7 +78,7 @@ class DiffusionLM(LM):
         seed: int = 1234,
         max_new_tokens: int = 256,
         steps: int | None = None,
-        block_size: int = 32,
+        block_size: int = 32,  # MDLM sampling; block diffusion uses its trained size
         max_length: int | None = None,
         device: str | None = None,
         loaded: Loaded | None = None,
@@ -84,13 +88,14 @@ class DiffusionLM(LM):
         if loaded is None:
             if not pretrained:
                 raise ValueError("model_args needs pretrained=PATH (a model folder or hub id)")
-            from ..generate import load_for_generation
+            from ..generate import load_weights, prepare_generation
 
-            device = _usable_device(device)
-            model, tokenizer, ids, row = load_for_generation(
-                str(pretrained), str(adaptor) if adaptor else None, device, str(method)
-            )
-            loaded = Loaded(model, tokenizer, ids, row, str(pretrained))
+            adaptor = str(adaptor) if adaptor else None
+            setup = prepare_generation(str(pretrained), adaptor, str(method))
+            model = load_weights(setup, adaptor, _usable_device(device))
+            trained = setup.trained_block_size
+            block = setup.method.sampling_block_size(trained) if trained else None
+            loaded = Loaded(model, setup.tokenizer, setup.ids, setup.method, str(pretrained), block)
         self.loaded = loaded
         self._device = next(loaded.model.parameters()).device
         self.mc_samples = int(mc_samples)
@@ -98,8 +103,10 @@ class DiffusionLM(LM):
         self.seed = int(seed)
         self.max_new_tokens = int(max_new_tokens)
         self.steps = int(steps) if steps else None
-        self.block_size = int(block_size)
+        self.block_size = loaded.block_size or int(block_size)
         self.max_length = int(max_length) if max_length else _model_max_length(loaded.model)
+        if loaded.block_size:  # block diffusion fills rows to whole blocks
+            self.max_length -= self.max_length % loaded.block_size
         self.adaptor = str(adaptor) if adaptor else None
         self._prefix, self._suffix = _special_wrapping(loaded.tokenizer)
         self._verdict = HeadVerdict(lambda m: m, lambda: False)
@@ -186,7 +193,7 @@ class DiffusionLM(LM):
             )
         return estimate_rows(
             self.loaded.model,
-            self.loaded.method.trainer_class(),
+            self.loaded.method.bound_scorer(self.loaded.block_size),
             rows,
             self.loaded.ids,
             mc_samples=self.mc_samples,
@@ -209,7 +216,7 @@ class DiffusionLM(LM):
         config = SamplingConfig(
             max_new_tokens=n,
             steps=self.steps or n,
-            block_size=min(self.block_size, n) if n else 1,
+            block_size=self.loaded.block_size or (min(self.block_size, n) if n else 1),
             temperature=temperature,
             seed=self.seed,
         )

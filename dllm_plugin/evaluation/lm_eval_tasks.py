@@ -117,7 +117,8 @@ def lm_for(cfg: Any, prep: Any, trainer: Any) -> Any:
     from .lm_eval_model import DiffusionLM, Loaded
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    loaded = Loaded(model, prep.tokenizer, prep.ids, prep.method, cfg.model_name)
+    block_size = prep.method.sampling_block_size(cfg.block_size)
+    loaded = Loaded(model, prep.tokenizer, prep.ids, prep.method, cfg.model_name, block_size)
     return DiffusionLM(
         loaded=loaded, mc_samples=cfg.eval_mc_samples, mc_batch=cfg.batch_size, seed=cfg.seed
     )
