@@ -20,8 +20,8 @@ from dllm_plugin.evaluation.elbo import Row, combine, estimate_rows, heldout_elb
 from dllm_plugin.generate import load_for_generation
 
 K = 8  # draws per row of our estimator
-SEEDS = 30  # independent repetitions of it
-PLAIN_DRAWS = 2000  # plain Monte-Carlo draws per row
+SEEDS = 20  # independent repetitions of it
+PLAIN_DRAWS = 800  # plain Monte-Carlo draws per row
 
 
 @pytest.fixture(scope="module")
