@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import PAIRS, REPO, fixture_model_dir, write_rows
+from helpers import PAIRS, REPO, fixture_model_dir, one_torch_thread, write_rows
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (setup.sh --dev)")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -21,6 +21,12 @@ from dllm_plugin.cli import main as cli_main  # noqa: E402
 from dllm_plugin.evaluation.lm_eval_model import MODEL_TYPE, DiffusionLM  # noqa: E402
 
 MC = dict(mc_samples=8, mc_batch=16, seed=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 def evaluate(tasks_dir: Path, **model_args) -> dict:
@@ -151,7 +157,8 @@ def test_the_documented_command_gives_the_same_numbers_in_a_new_process(
         "--output_path", str(out),
         "--log_samples",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # one thread, as this process (tests/helpers.py one_torch_thread): the same arithmetic
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")
