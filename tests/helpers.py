@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,20 @@ def shared_fixture(name: str) -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"shared fixture {path} is missing (CI places ../shared beside the clone)")
     return path
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on one thread: as fast, and on a loaded machine a second thread only
+    spins (the evaluation tests ran 5x slower with two)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

@@ -12,7 +12,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import PAIRS
+from helpers import PAIRS, one_torch_thread
 
 from dllm_plugin.data.sft import TokenizeOptions, tokenize_messages
 from dllm_plugin.diffusion.loss import IGNORE_INDEX
@@ -20,8 +20,14 @@ from dllm_plugin.evaluation.elbo import Row, combine, estimate_rows, heldout_elb
 from dllm_plugin.generate import load_for_generation
 
 K = 8  # draws per row of our estimator
-SEEDS = 30  # independent repetitions of it
-PLAIN_DRAWS = 2000  # plain Monte-Carlo draws per row
+SEEDS = 20  # independent repetitions of it
+PLAIN_DRAWS = 800  # plain Monte-Carlo draws per row
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

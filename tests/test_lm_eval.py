@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import PAIRS, REPO, fixture_model_dir, write_rows
+from helpers import PAIRS, REPO, fixture_model_dir, one_torch_thread, write_rows
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (setup.sh --dev)")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -21,6 +21,12 @@ from dllm_plugin.cli import main as cli_main  # noqa: E402
 from dllm_plugin.evaluation.lm_eval_model import MODEL_TYPE, DiffusionLM  # noqa: E402
 
 MC = dict(mc_samples=8, mc_batch=16, seed=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 def evaluate(tasks_dir: Path, **model_args) -> dict:
@@ -69,14 +75,6 @@ def test_loglikelihood_prefers_the_trained_answer_over_a_distractor(with_adaptor
     assert with_adaptor["results"]["pairs_mc"]["acc,none"] == 1.0
     for trained, distractor in loglikelihoods(with_adaptor):
         assert trained > distractor + 1.0  # nats: a clear preference, not a coin flip
-
-
-def test_two_runs_give_identical_numbers(trained_llada, lm_eval_tasks_dir, with_adaptor):
-    again = evaluate(
-        lm_eval_tasks_dir, pretrained=trained_llada["base"], adaptor=trained_llada["adaptor"]
-    )
-    assert loglikelihoods(again) == loglikelihoods(with_adaptor)
-    assert generations(again) == generations(with_adaptor)
 
 
 def test_base_plus_adaptor_equals_the_merged_model(trained_llada, lm_eval_tasks_dir, with_adaptor):
@@ -132,26 +130,46 @@ def test_bert_wraps_rows_in_its_special_tokens(tiny_bert_dir):
     assert ll < 0
 
 
-def test_the_documented_command(trained_llada, lm_eval_tasks_dir, tmp_path):
-    """README: python -m dllm_plugin.evaluation.lm_eval_cli --model dllm --model_args ..."""
+def samples_file(out: Path, task: str) -> list[dict]:
+    (path,) = out.rglob(f"samples_{task}_*.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted(rows, key=lambda s: s["doc_id"])
+
+
+def test_the_documented_command_gives_the_same_numbers_in_a_new_process(
+    trained_llada, lm_eval_tasks_dir, with_adaptor, tmp_path
+):
+    """README: python -m dllm_plugin.evaluation.lm_eval_cli --model dllm --model_args ...;
+    a second run, in another process and through lm-eval's CLI, gives identical numbers."""
     out = tmp_path / "results"
+    model_args = ",".join(
+        [f"pretrained={trained_llada['base']}", f"adaptor={trained_llada['adaptor']}"]
+        + [f"{k}={v}" for k, v in MC.items()]
+    )
     command = [
         sys.executable, "-m", "dllm_plugin.evaluation.lm_eval_cli",
         "--model", "dllm",
-        "--model_args",
-        f"pretrained={trained_llada['base']},adaptor={trained_llada['adaptor']},mc_samples=8",
+        "--model_args", model_args,
         "--tasks", "pairs_gen,pairs_mc",
         "--include_path", str(lm_eval_tasks_dir),
         "--apply_chat_template",
+        "--device", "cpu",
         "--output_path", str(out),
+        "--log_samples",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # one thread, as this process (tests/helpers.py one_torch_thread): the same arithmetic
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
     assert results["pairs_gen"]["exact_match,none"] == 1.0
     assert results["pairs_mc"]["acc,none"] == 1.0
+    # the samples file keeps each (log-likelihood, is_greedy) as strings
+    again = [[float(r[0]) for r in s["filtered_resps"]] for s in samples_file(out, "pairs_mc")]
+    assert again == loglikelihoods(with_adaptor)
+    texts = [s["filtered_resps"][0] for s in samples_file(out, "pairs_gen")]
+    assert texts == generations(with_adaptor)
 
 
 # ---- eval_tasks: lm-eval on the trained model, inside the training job ------------------
