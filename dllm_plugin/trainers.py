@@ -107,6 +107,26 @@ class DreamTrainingArguments(MDLMTrainingArguments):
     )
 
 
+def mask_by_count(
+    masked: torch.Tensor,
+    weight: torch.Tensor,
+    row: int,
+    positions: torch.Tensor,
+    level: float,
+    generator: torch.Generator,
+) -> None:
+    """One count-form ELBO draw over `positions` of row `row`, written into masked/weight:
+    of their n, 1 + floor(level * n) are masked, chosen uniformly by the generator, each
+    weighted n / count (LLaDA's Eq. 12)."""
+    n = int(positions.numel())
+    if n == 0:
+        return
+    count = min(n, 1 + int(level * n))
+    picked = positions[torch.randperm(n, generator=generator)[:count].to(positions.device)]
+    masked[row, picked] = True
+    weight[row, picked] = n / count
+
+
 class DiffusionTrainer(Trainer):
     """What every diffusion method's Trainer shares: noise keyed by global row, the same
     noise at every evaluation, loss-only prediction steps, and per-token metrics summed
@@ -505,13 +525,7 @@ class MDLMTrainer(DiffusionTrainer):
         weight = torch.zeros(scored.shape, dtype=torch.float32, device=scored.device)
         for row, generator in enumerate(generators):
             positions = scored[row].nonzero().squeeze(1)
-            n = int(positions.numel())
-            if n == 0:
-                continue
-            count = min(n, 1 + int(float(u[row]) * n))
-            picked = positions[torch.randperm(n, generator=generator)[:count].to(scored.device)]
-            masked[row, picked] = True
-            weight[row, picked] = n / count
+            mask_by_count(masked, weight, row, positions, float(u[row]), generator)
         return masked, weight
 
     @classmethod
@@ -731,11 +745,7 @@ class BlockDiffusion:
             blocks = [positions for positions in blocks if positions.numel()]
             for k, positions in enumerate(blocks):
                 level = (float(u[row]) + k / len(blocks)) % 1.0
-                n = int(positions.numel())
-                count = min(n, 1 + int(level * n))
-                order = torch.randperm(n, generator=generator)[:count].to(scored.device)
-                masked[row, positions[order]] = True
-                weight[row, positions[order]] = n / count
+                mask_by_count(masked, weight, row, positions, level, generator)
         return masked, weight
 
     @classmethod
