@@ -175,11 +175,14 @@ def test_positions_restart_at_every_example():
 def test_unsupported_model_type_or_method_is_refused():
     with pytest.raises(ModelError, match="packing: model type 'electra'"):
         packed_inputs_for({"model_type": "electra"})
-    check_packing(METHODS["dream"], {"model_type": "Dream"})
+    check_packing(METHODS[("dream", "mdlm")], {"model_type": "Dream"})
     no_pack = Method("x", ("bert",), "trainers:MDLMTrainer", "sampling:generate_mdlm", "x",
                      "mdlm_loss_weight_type", packs=False)  # fmt: skip
     with pytest.raises(ConfigError, match="training_method 'x' does not train on packed rows"):
         check_packing(no_pack, {"model_type": "bert"})
+    block = "training_method 'llada' with diffusion_type 'bd3lm' does not train on packed rows"
+    with pytest.raises(ConfigError, match=block):
+        check_packing(METHODS[("llada", "bd3lm")], {"model_type": "llada"})
 
 
 # ---- the loss of a packed batch is the loss of its examples alone --------------------------
@@ -402,9 +405,9 @@ def test_defaults_keep_todays_behaviour_and_dream_cut_offs_are_flagged_under_pac
     assert d["complementary_masking"] is False
     base = {"model_name": "m", "training_method": "dream", "perbatch_cutoff": False}
     padded = build_job_config(base)
-    assert option_problems(METHODS["dream"], padded) == []
+    assert option_problems(METHODS[("dream", "mdlm")], padded) == []
     packed = build_job_config({**base, "packing": "true"})
-    [problem] = option_problems(METHODS["dream"], packed)
+    [problem] = option_problems(METHODS[("dream", "mdlm")], packed)
     assert problem.startswith("perbatch_cutoff: False has no effect with packing")
 
 
