@@ -204,7 +204,8 @@ def test_two_jobs_on_one_output_dir_exactly_one_runs(tmp_path, tiny_bert_dir):
 
 # ---- honest summaries --------------------------------------------------------------------------
 def test_a_failed_rerun_does_not_leave_the_old_complete_summary(tmp_path, capsys, tiny_bert_dir):
-    assert run_cli(job_file(tmp_path, tiny_bert_dir), capsys)[0] == 0
+    code, last = run_cli(job_file(tmp_path, tiny_bert_dir), capsys)
+    assert code == 0, last
     bad = job_file(
         tmp_path, tiny_bert_dir, input_template="{{ nope }}", output_template="{{ completion }}"
     )
