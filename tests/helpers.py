@@ -392,3 +392,24 @@ def causal_lm_dir(family: str, dest: Path, seed: int = 0, layers: int = 2) -> Pa
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+def grad_recorder():
+    """A Trainer callback that keeps every optimizer step's gradients (`.grads`, one dict
+    of parameter name -> gradient per step), for the accumulation-invariance tests."""
+    from transformers import TrainerCallback
+
+    class GradRecorder(TrainerCallback):
+        def __init__(self):
+            self.grads = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            self.grads.append(
+                {
+                    n: p.grad.detach().clone()
+                    for n, p in model.named_parameters()
+                    if p.grad is not None
+                }
+            )
+
+    return GradRecorder()

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from helpers import (
     DGEMMA_VOCAB,
     gemma_char_tokenizer,
+    grad_recorder,
     tiny_diffusion_gemma,
     tiny_diffusion_gemma_dir,
 )
-from transformers import DynamicCache, TrainerCallback
+from transformers import DynamicCache
 
 from dllm_plugin.config import build_job_config
 from dllm_plugin.data.collators import CanvasCollator
@@ -222,20 +223,10 @@ def test_router_and_vision_tower_get_no_gradient(tmp_path, tokenizer):
 
 
 # ---- gradient accumulation ------------------------------------------------------------------
-class GradRecorder(TrainerCallback):
-    def __init__(self):
-        self.grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-        self.grads.append(
-            {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        )
-
-
 def run_steps(tmp_path, tokenizer, batch_size: int, accumulation: int):
     answers = ["a", "two words", "a longer answer over blocks", "xyz", "ok", "yes", "no", "hm"]
     rows = features(tokenizer, [(f"q{i}?" * (1 + i % 3), a) for i, a in enumerate(answers)])
-    recorder = GradRecorder()
+    recorder = grad_recorder()
     model = tiny_diffusion_gemma(seed=3)
     prepare_base(model)
     args = DiffusionGemmaTrainingArguments(

@@ -7,8 +7,8 @@ import math
 import datasets
 import pytest
 import torch
-from helpers import tiny_bert_mlm
-from transformers import BertForMaskedLM, TrainerCallback
+from helpers import grad_recorder, tiny_bert_mlm
+from transformers import BertForMaskedLM
 
 from dllm_plugin.data.collators import MDLMCollator, PackedCollator
 from dllm_plugin.data.packing import PackOptions, pack_dataset
@@ -192,16 +192,6 @@ def test_bad_loss_options_fail_at_construction(tmp_path):
 
 
 # ---- gradient accumulation invariance ---------------------------------------------------
-class GradRecorder(TrainerCallback):
-    def __init__(self):
-        self.grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-        self.grads.append(
-            {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        )
-
-
 def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str, packing=False, **extra):
     """Two optimizer steps; losses and the first step's gradients.
 
@@ -224,7 +214,7 @@ def run_steps(tmp_path, batch_size: int, accumulation: int, norm: str, packing=F
         dataset = pack_dataset(dataset.remove_columns("prompt_len"), opts)
         assert len(dataset) >= 8 and max(len(r) for r in dataset["seq_lens"]) >= 2
         collator = PackedCollator(pad_token_id=PAD)
-    recorder = GradRecorder()
+    recorder = grad_recorder()
     args = MDLMTrainingArguments(
         output_dir=str(tmp_path),
         report_to=[],
